@@ -1,0 +1,1 @@
+"""A reproducible, distributed DCGAN training pipeline (DVC + WebDataset + Ray Train + MLflow)."""
