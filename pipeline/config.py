@@ -119,9 +119,9 @@ class TrainConfig:
 class FeaturizeConfig:
     """`featurize`: the domain classifier used as FID feature extractor."""
 
-    epochs: int = param(4, at_least(1), "passes over the labelled train split")
-    batch_size: int = param(128, at_least(1), "images per step")
-    lr: float = param(1e-3, between(0.0, 1.0, low_open=True), "Adam lr")
+    epochs: int = param(6, at_least(1), "passes over the labelled train split")
+    batch_size: int = param(64, at_least(1), "images per step")
+    lr: float = param(4e-3, between(0.0, 1.0, low_open=True), "peak Adam lr (one-cycle)")
     seed: int = param(0, at_least(0), "seed of weights and shuffling")
     min_val_accuracy: float = param(0.0, between(0.0, 1.0), "fail below this val accuracy")
 

@@ -95,3 +95,49 @@ def copy_repo(target: Path) -> Path:
     )
     shutil.copytree(REPO_ROOT, target, ignore=ignore, dirs_exist_ok=True)
     return target
+
+
+# --- data (issue 2) -----------------------------------------------------------------------------
+
+
+def stage_env(repo: Path) -> dict[str, str]:
+    """Environment to run stages or dvc in a repo copy: the copy's own `pipeline` package first
+    (the venv's editable install points at the original checkout), the venv's tools on PATH."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory):
+    """A repo copy where `python stages/prepare.py` ran once on mnist5k with the repo's
+    params.yaml (4,500 train + 500 val). Yields the copy's root; shards in data/shards.
+    Treat it as read-only: other tests share it."""
+    repo = copy_repo(tmp_path_factory.mktemp("mnist_shards") / "repo")
+    result = subprocess.run(
+        [sys.executable, "stages/prepare.py"],
+        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"prepare on mnist5k failed:\n{result.stderr[-3000:]}")
+    yield repo
+
+
+# --- evaluation (issue 4) -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def featurized_repo(mnist_shards, tmp_path_factory):
+    """A repo copy holding mnist_shards' data where `python stages/featurize.py` ran once (the
+    trained domain classifier in models/classifier). Read-only for tests: copy what you change."""
+    repo = copy_repo(tmp_path_factory.mktemp("featurized") / "repo")
+    shutil.copytree(mnist_shards / "data", repo / "data")
+    result = subprocess.run(
+        [sys.executable, "stages/featurize.py"],
+        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"featurize on mnist5k failed:\n{result.stderr[-3000:]}")
+    yield repo

@@ -1,0 +1,276 @@
+"""Reading shards back: resampled, deterministic training batches and a plain in-order pass.
+
+Training (`train_batches`) gives every rank exactly `num_batches` batches per epoch whatever the
+number and sizes of the shards: each (rank, loader worker) draws an endless, seeded stream of
+shards (every shard once per cycle, in a fresh order each cycle) through a shuffle buffer, and
+the epoch is cut at `num_batches` (the WebDataset "resampled + with_epoch" pattern). Streams are
+seeded by (seed, epoch, rank, worker) only, so a resumed run that skips `skip_batches` sees the
+same remaining batches as an uninterrupted run (with the same `loader_workers`).
+
+Only `png` and `cls` members are ever read (`json` is for people). Other members - `.pyd`,
+`.pkl`, `.pth`, which WebDataset's default decoders unpickle - are never even extracted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import paths
+from pipeline.cli import UserError
+
+READ_MEMBERS = ("png", "cls")
+SHUFFLE_BUFFER_SAMPLES = 1000
+SHUFFLE_INITIAL_SAMPLES = 100
+_TAR_END_BYTES = 1024  # a complete tar ends with two zero blocks
+
+Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def read_stats(path: str | Path = paths.STATS) -> dict:
+    """`data/stats.json` written by `prepare`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: run `dvc repro prepare` first")
+    return json.loads(path.read_text())
+
+
+def shard_urls(split: str, shards: str = "") -> list[str]:
+    """Sorted shard paths/URLs of `split` in `shards` ('' = data/shards; dir or fsspec URL)."""
+    where = shards or str(paths.SHARDS_DIR)
+    try:
+        fs, root = fsspec.core.url_to_fs(where)
+        found = sorted(fs.glob(f"{root.rstrip('/')}/{split}-*.tar"))
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"cannot list shards in {where}: {err}") from err
+    if not found:
+        raise UserError(f"no {split} shards in {where}: run `dvc repro prepare` (or fix the path)")
+    if "://" not in where:
+        return found
+    return [fs.unstrip_protocol(name) for name in found]
+
+
+def steps_per_epoch(num_samples: int, batch_size_per_worker: int, world_size: int) -> int:
+    """Full global batches in one pass over `num_samples`; `UserError` if not even one."""
+    global_batch = batch_size_per_worker * world_size
+    steps = num_samples // global_batch
+    if steps < 1:
+        raise UserError(
+            f"{num_samples} training samples are fewer than one global batch "
+            f"({world_size} workers x {batch_size_per_worker} = {global_batch}): "
+            "lower train.batch_size or train.num_workers"
+        )
+    return steps
+
+
+def check_plan(urls: list[str], world_size: int, loader_workers: int) -> None:
+    """Refuse, before training starts, a data plan that cannot work.
+
+    Resampling lets any number of shards feed any number of ranks x loader workers, so the
+    only failures are no shards, shards that are not there, and nonsensical counts.
+    """
+    if world_size < 1 or loader_workers < 0:
+        raise UserError(f"world size {world_size} / loader workers {loader_workers}: invalid")
+    if not urls:
+        raise UserError("no training shards: run `dvc repro prepare` (or check train.shards)")
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
+
+
+# --- reading one shard --------------------------------------------------------------------------
+
+
+def _select(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in READ_MEMBERS
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Yield {"__key__", "png", ["cls"]} samples of one shard; `UserError` naming a bad shard.
+
+    The shard is read whole (a few MB) so that truncation is detected even at a member
+    boundary, where tarfile would otherwise just stop early.
+    """
+    try:
+        with fsspec.open(url, "rb") as stream:
+            data = stream.read()
+    except OSError as err:
+        raise UserError(f"shard {url}: cannot read it ({err})") from err
+    if len(data) < _TAR_END_BYTES or len(data) % 512 or any(data[-_TAR_END_BYTES:]):
+        raise UserError(f"shard {url}: truncated or not a tar file; re-run `dvc repro prepare`")
+    source = [{"url": url, "stream": io.BytesIO(data)}]
+    try:
+        files = wds.tariterators.tar_file_expander(source, select_files=_select)
+        yield from wds.tariterators.group_by_keys(files)
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as err:
+        raise UserError(f"shard {url}: corrupt ({err}); re-run `dvc repro prepare`") from err
+
+
+def decode_sample(sample: dict, url: str, with_labels: bool) -> tuple[torch.Tensor, int | None]:
+    """PNG -> float32 (C, H, W) in [-1, 1]; `cls` -> int. Nothing else is decoded."""
+    if "png" not in sample:
+        raise UserError(f"shard {url}: sample {sample.get('__key__')} has no png member")
+    try:
+        image = Image.open(io.BytesIO(sample["png"]), formats=["PNG"])
+        pixels = np.asarray(image.convert("RGB" if image.mode != "L" else "L"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"shard {url}: sample {sample['__key__']}: bad png ({err})") from err
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    tensor = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).float().div_(127.5).sub_(1.0)
+    if not with_labels:
+        return tensor, None
+    if "cls" not in sample:
+        raise UserError(f"shard {url}: sample {sample['__key__']} has no label (cls member)")
+    try:
+        return tensor, int(sample["cls"].decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"shard {url}: sample {sample['__key__']}: bad cls member") from err
+
+
+def _collate(decoded: list[tuple[torch.Tensor, int | None]], with_labels: bool) -> Batch:
+    images = torch.stack([image for image, _ in decoded])
+    if not with_labels:
+        return images, None
+    return images, torch.tensor([label for _, label in decoded], dtype=torch.int64)
+
+
+# --- training stream ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A UserError raised in a loader worker, carried back as one line (not a traceback)."""
+
+    message: str
+
+
+class _ResampledBatches(IterableDataset):
+    """One rank's batches; each loader worker produces every `num_slots`-th batch.
+
+    Global batch i (0-based, within the epoch) belongs to logical worker i % num_slots and is
+    that worker's (i // num_slots)-th batch. DataLoader asks its workers round-robin starting at
+    worker 0, so worker slot w plays logical worker (w + skip_batches) % num_slots: the batches
+    then arrive in global order from `skip_batches` on.
+    """
+
+    def __init__(self, urls: list[str], *, batch_size: int, rank: int, num_batches: int,
+                 seed: int, epoch: int, skip_batches: int, num_slots: int, with_labels: bool):
+        super().__init__()
+        self.urls = list(urls)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.num_batches = num_batches
+        self.seed = seed
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+        self.num_slots = num_slots
+        self.with_labels = with_labels
+
+    def _samples(self, rng: random.Random) -> Iterator[tuple[str, dict]]:
+        while True:  # resampled: cycle forever, every shard once per cycle, fresh order
+            order = self.urls[:]
+            rng.shuffle(order)
+            for url in order:
+                for sample in read_shard(url):
+                    yield url, sample
+
+    def _shuffled(self, rng: random.Random) -> Iterator[tuple[str, dict]]:
+        # As webdataset.shuffle: start after a small fill, grow the buffer to its full size.
+        samples = self._samples(rng)
+        buffer = [next(samples) for _ in range(SHUFFLE_INITIAL_SAMPLES)]
+        for incoming in samples:
+            if len(buffer) < SHUFFLE_BUFFER_SAMPLES:
+                buffer.append(incoming)
+                incoming = next(samples)
+            pick = rng.randrange(len(buffer))
+            yield buffer[pick]
+            buffer[pick] = incoming
+
+    def _logical_worker(self) -> int:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        return (slot + self.skip_batches) % self.num_slots
+
+    def __iter__(self) -> Iterator[Batch | _Failure]:
+        worker = self._logical_worker()
+        # A string seed is hashed with SHA-512 by `random`: stable across runs and processes.
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.num_slots}")
+        mine = range(worker, self.num_batches, self.num_slots)
+        try:
+            stream = self._shuffled(rng)
+            for batch_index in mine:
+                raw = [next(stream) for _ in range(self.batch_size)]
+                if batch_index < self.skip_batches:
+                    continue  # drawn (to keep the stream in step) but not decoded
+                decoded = [decode_sample(s, url, self.with_labels) for url, s in raw]
+                yield _collate(decoded, self.with_labels)
+        except UserError as err:
+            yield _Failure(str(err))
+
+
+def train_batches(
+    urls: list[str], *, batch_size: int, rank: int, world_size: int, num_batches: int,
+    seed: int, epoch: int, skip_batches: int = 0, loader_workers: int = 0,
+    with_labels: bool = False,
+) -> Iterator[Batch]:
+    """Exactly `num_batches - skip_batches` shuffled batches for `rank` in `epoch`.
+
+    Images are float32 (B, C, H, W) in [-1, 1]; labels int64 (B,) or None. Deterministic for
+    (seed, rank, epoch, loader_workers); batches differ between ranks and epochs.
+    """
+    check_plan(urls, world_size, loader_workers)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world size {world_size}")
+    if not 0 <= skip_batches <= num_batches:
+        raise UserError(f"skip_batches {skip_batches} is outside 0..{num_batches}")
+    dataset = _ResampledBatches(
+        urls, batch_size=batch_size, rank=rank, num_batches=num_batches, seed=seed, epoch=epoch,
+        skip_batches=skip_batches, num_slots=max(loader_workers, 1), with_labels=with_labels,
+    )
+    batches: Iterator = iter(dataset)
+    if loader_workers > 0:
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=loader_workers))
+    produced = 0
+    for item in batches:
+        if isinstance(item, _Failure):
+            raise UserError(item.message)
+        produced += 1
+        yield item
+    if produced != num_batches - skip_batches:  # a broken promise would hang DDP: say so
+        raise RuntimeError(f"loader gave {produced} batches, expected {num_batches - skip_batches}")
+
+
+def iter_split(
+    urls: list[str], *, batch_size: int, with_labels: bool = False, limit: int | None = None
+) -> Iterator[Batch]:
+    """Every sample once (or the first `limit`), in shard order, unshuffled; last batch partial."""
+    if not urls:
+        raise UserError("no shards to read: run `dvc repro prepare`")
+    pending: list[tuple[torch.Tensor, int | None]] = []
+    seen = 0
+    for url in urls:
+        for sample in read_shard(url):
+            if limit is not None and seen >= limit:
+                break
+            pending.append(decode_sample(sample, url, with_labels))
+            seen += 1
+            if len(pending) == batch_size:
+                yield _collate(pending, with_labels)
+                pending = []
+        if limit is not None and seen >= limit:
+            break
+    if pending:
+        yield _collate(pending, with_labels)

@@ -1,0 +1,259 @@
+"""The `evaluate` stage: FID/KID against the real train split, the real-vs-real floor, class
+coverage, sample grids; reports/metrics.json; everything logged to the training's MLflow run.
+
+Honest numbers (see DESIGN.md "FID that is honest"): metric names carry the extractor
+(`fid_classifier` vs `fid_inception`), and beside each distance stands its floor - the same
+distance between the val and train splits with the same N - and N itself. Real features are
+cached under .cache/features keyed by the shards' hash, the extractor's hash and N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import data, features, metrics, paths, tracking
+from pipeline.cli import UserError
+from pipeline.config import Config
+from pipeline.grids import save_grid
+from pipeline.models import Generator, GeneratorSpec, load_generator
+from pipeline.sampling import latent_noise
+
+log = logging.getLogger(__name__)
+
+GRID_SIDE = 8  # samples.png and reals.png: 8 x 8
+WALKS = 8  # interpolation.png: 8 latent walks ...
+WALK_STEPS = 10  # ... of 10 images each
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def load_trained_generator(
+    weights: Path = paths.GENERATOR_WEIGHTS, spec_path: Path = paths.GENERATOR_SPEC
+) -> tuple[Generator, dict[str, Any]]:
+    """The trained generator (eval mode, weights_only loading) and its generator.json record;
+    UserError if either file is missing or the weights are not the ones the record names."""
+    for path in (weights, spec_path):
+        if not path.exists():
+            raise UserError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    record = json.loads(spec_path.read_text())
+    digest = features.sha256_file(weights)
+    if record.get("sha256") and record["sha256"] != digest:
+        raise UserError(f"{weights} does not match {spec_path} (SHA-256): re-run the train stage")
+    try:
+        spec = GeneratorSpec.from_dict(record["spec"])
+        return load_generator(weights, spec), record
+    except (KeyError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{weights}: cannot load the generator ({first})") from err
+
+
+def slerp(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spherical interpolation (steps, nz) from `start` to `end`: stays where a Gaussian's mass
+    is (White 2016), where a straight line would pass through the unlikely low-norm centre."""
+    t = torch.linspace(0, 1, steps)[:, None]
+    cos = torch.dot(start / start.norm(), end / end.norm()).clamp(-1, 1)
+    omega = torch.acos(cos)
+    if omega.abs() < 1e-6:
+        return (1 - t) * start + t * end
+    return (torch.sin((1 - t) * omega) * start + torch.sin(t * omega) * end) / torch.sin(omega)
+
+
+def generate(
+    generator: Generator, z: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] on the CPU for noise `z`, in batches with a progress bar."""
+    generator.to(device).eval()
+    chunks = list(torch.split(z, batch_size))
+    images = []
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc="generating", unit="batch"):
+            images.append(generator(chunk.to(device)).float().cpu())
+    return torch.cat(images)
+
+
+# --- cached real features -----------------------------------------------------------------------
+
+
+def split_hash(stats: dict[str, Any], split: str) -> str:
+    """A hash of one split's shards (from data/stats.json), else of the whole dataset."""
+    shards = {k: v for k, v in (stats.get("shard_sha256") or {}).items() if k.startswith(split)}
+    if not shards:
+        return str(stats.get("dataset_sha256", "unknown"))
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+
+
+def real_features(
+    split: str, count: int, extractor: features.FeatureExtractor, stats: dict[str, Any],
+    shards: str, batch_size: int, device: torch.device, cache_dir: Path = paths.FEATURE_CACHE_DIR,
+) -> torch.Tensor:
+    """Features of the first `count` samples of `split`, from the cache when the same shards,
+    extractor and N were measured before (plain .npy arrays: nothing is unpickled)."""
+    key = f"{split}-{extractor.name}-{split_hash(stats, split)[:16]}-{extractor.sha256[:16]}"
+    path = cache_dir / f"{key}-n{count}.npy"
+    if path.exists():
+        log.info("real %s features from cache %s", split, path)
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    batches = data.iter_split(data.shard_urls(split, shards), batch_size=batch_size, limit=count)
+    found, _ = features.extract(
+        extractor.module, (images for images, _ in batches), device,
+        desc=f"{extractor.name} features of real {split}", total=math.ceil(count / batch_size),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, found.numpy(), allow_pickle=False)
+    partial.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    return found
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def _plan(cfg: Config, stats: dict[str, Any]) -> dict[str, int]:
+    """Sample counts, checked before any work: N generated, N real, N of the floor, KID subset."""
+    splits = stats.get("splits", {})
+    train_count = int(splits.get("train", {}).get("samples", 0))
+    val_count = int(splits.get("val", {}).get("samples", 0))
+    if train_count < 2:
+        raise UserError(f"the train split has {train_count} samples: FID needs at least 2")
+    count = cfg.eval.num_samples
+    real_count = min(count, train_count)
+    floor_count = min(count, val_count, train_count)
+    kid_subset = min(cfg.eval.kid_subset_size, real_count,
+                     floor_count if floor_count >= 2 else real_count)
+    if floor_count < count:
+        log.warning("the floor uses %d samples (val split size), the FID %d", floor_count, count)
+    return {"num_samples": count, "num_real_samples": real_count,
+            "floor_num_samples": floor_count, "kid_subset_size": kid_subset}
+
+
+def _distances(name: str, fake: torch.Tensor, train: torch.Tensor, val: torch.Tensor | None,
+               plan: dict[str, int], seed: int) -> dict[str, float]:
+    """fid_/kid_<extractor> of generated vs train, and their real-vs-real floors."""
+    subset = plan["kid_subset_size"]
+    out: dict[str, float] = {f"fid_{name}": metrics.frechet_distance(train, fake)}
+    out[f"kid_{name}"], out[f"kid_{name}_std"] = metrics.kernel_distance(train, fake, subset, seed)
+    if val is not None and plan["floor_num_samples"] >= 2:
+        floor_train = train[: plan["floor_num_samples"]]
+        out[f"fid_{name}_floor"] = metrics.frechet_distance(floor_train, val)
+        out[f"kid_{name}_floor"], _ = metrics.kernel_distance(floor_train, val, subset, seed)
+    return out
+
+
+def _class_metrics(classifier: features.FeatureExtractor, fake: torch.Tensor, num_classes: int,
+                   cfg: Config, device: torch.device) -> dict[str, Any]:
+    _, logits = features.extract(
+        classifier.module, torch.split(fake, cfg.eval.batch_size), device,
+        desc="classifying samples", logits=classifier.logits,
+    )
+    assert logits is not None
+    coverage = metrics.class_coverage(
+        logits.argmax(1), num_classes, cfg.eval.collapse_min_coverage
+    )
+    return {"classifier_score": metrics.classifier_score(logits), **coverage}
+
+
+def _grids(fake: torch.Tensor, generator: Generator, nz: int, cfg: Config,
+           device: torch.device) -> list[Path]:
+    shown = GRID_SIDE * GRID_SIDE
+    ends = torch.from_numpy(latent_noise(2 * WALKS, nz, cfg.eval.seed + 1))
+    walks = torch.cat([slerp(ends[2 * i], ends[2 * i + 1], WALK_STEPS) for i in range(WALKS)])
+    first_reals = next(data.iter_split(data.shard_urls("val" if _has_val(cfg) else "train",
+                                                       cfg.train.shards), batch_size=shown))[0]
+    return [
+        save_grid(fake[:shown], paths.SAMPLES_GRID, nrow=GRID_SIDE),
+        save_grid(generate(generator, walks, cfg.eval.batch_size, device),
+                  paths.INTERPOLATION_GRID, nrow=WALK_STEPS),
+        save_grid(first_reals, paths.REALS_GRID, nrow=GRID_SIDE),
+    ]
+
+
+def _has_val(cfg: Config) -> bool:
+    try:
+        data.shard_urls("val", cfg.train.shards)
+    except UserError:
+        return False
+    return True
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Measure the trained generator; write reports/metrics.json and the three grids; log it
+    all to the training's MLflow run. Returns the metrics written."""
+    # Everything a user can get wrong is checked first, before any image is generated.
+    stats = data.read_stats()
+    train_run = tracking.read_train_run()
+    tracking_uri = train_run.get("tracking_uri") or tracking.resolve_tracking_uri(cfg.mlflow)
+    tracking.check_reachable(tracking_uri)
+    generator, generator_record = load_trained_generator()
+    spec = GeneratorSpec.from_dict(generator_record["spec"])
+    if (spec.image_size, spec.channels) != (stats["image_size"], stats["channels"]):
+        raise UserError(
+            f"the generator makes {spec.channels}x{spec.image_size}px images, the data are "
+            f"{stats['channels']}x{stats['image_size']}px: re-run the train stage"
+        )
+    data.shard_urls("train", cfg.train.shards)
+    extractor_name, why = features.resolve_extractor_name(cfg.eval)
+    plan = _plan(cfg, stats)
+    classifier_record = features.read_classifier_spec()
+    has_classifier = bool(classifier_record) and not classifier_record.get("skipped")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    z = torch.from_numpy(latent_noise(plan["num_samples"], spec.nz, cfg.eval.seed))
+    fake = features.quantize(generate(generator, z, cfg.eval.batch_size, device))
+    grids = _grids(fake, generator, spec.nz, cfg, device)
+
+    result: dict[str, Any] = {"extractor": extractor_name or "none", **plan}
+    result["generator_steps"] = generator_record.get("steps")
+    classifier = features.build_extractor("classifier", cfg.eval) if has_classifier else None
+    if extractor_name is None:
+        result["fid_skipped_reason"] = why
+        log.warning("%s", why)
+    else:
+        extractor = (classifier if extractor_name == "classifier" and classifier
+                     else features.build_extractor(extractor_name, cfg.eval))
+        result["extractor_sha256"] = extractor.sha256
+        common = (extractor, stats, cfg.train.shards, cfg.eval.batch_size, device)
+        train_features = real_features("train", plan["num_real_samples"], *common)
+        val_features = (real_features("val", plan["floor_num_samples"], *common)
+                        if plan["floor_num_samples"] >= 2 else None)
+        fake_features, _ = features.extract(
+            extractor.module, torch.split(fake, cfg.eval.batch_size), device,
+            desc=f"{extractor.name} features of samples",
+        )
+        result.update(_distances(extractor.name, fake_features, train_features, val_features,
+                                 plan, cfg.eval.seed))
+    if classifier is not None:
+        class_metrics = _class_metrics(classifier, fake, stats["num_classes"], cfg, device)
+        histogram = class_metrics.pop("class_histogram")
+        result.update(class_metrics)
+        if class_metrics["mode_collapse"]:
+            log.warning("MODE COLLAPSE: samples hit %d of %d classes (histogram %s)",
+                        class_metrics["classes_hit"], stats["num_classes"], histogram)
+    else:
+        result["class_metrics_skipped_reason"] = "no domain classifier (unlabelled data)"
+
+    paths.EVAL_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    paths.EVAL_METRICS.write_text(json.dumps(result, indent=2) + "\n")
+    _log_to_mlflow(tracking_uri, train_run["mlflow_run_id"], result, grids)
+    return result
+
+
+def _log_to_mlflow(tracking_uri: str, run_id: str, result: dict[str, Any],
+                   grids: list[Path]) -> None:
+    numbers = {k: float(v) for k, v in result.items()
+               if isinstance(v, (int, float)) and v is not None}  # bools become 0/1
+    tracking.log_metrics(tracking_uri, run_id, numbers)
+    tracking.set_tags(tracking_uri, run_id, {
+        f"eval.{k}": v for k, v in result.items() if isinstance(v, str)
+    })
+    for path in [*grids, paths.EVAL_METRICS]:
+        tracking.log_artifact(tracking_uri, run_id, path, "evaluation")

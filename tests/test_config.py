@@ -1,0 +1,53 @@
+"""Params validation as a user meets it: `python stages/prepare.py -S ...` exits 2 with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import copy_repo, stage_env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A repo copy, so that a validation bug could not write into the real data/."""
+    return copy_repo(tmp_path_factory.mktemp("config") / "repo")
+
+
+def run_prepare(repo, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "stages/prepare.py", *args],
+        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("data.image_size=48", "data.image_size", "power of two"),
+        ("data.channels=2", "data.channels", "one of 1, 3"),
+        ("data.val_fraction=1.5", "data.val_fraction", "[0.0, 1.0)"),
+        ("data.image_size=big", "data.image_size", "integer"),
+        ("data.on_bad_image=ignore", "data.on_bad_image", "'skip', 'error'"),
+        ("data.colour=1", "data.colour", "unknown key"),
+        ("trian.epochs=1", "trian", "unknown key"),
+    ],
+)
+def test_bad_override_is_one_line_exit_2(repo, override, key, allowed):
+    result = run_prepare(repo, "-S", override)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0] and allowed in lines[0], lines[0]
+    assert not (repo / "data").exists()  # refused before any work
+
+
+def test_bad_key_in_params_file_is_reported(repo, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text().replace("seed: 0", "seed: -1", 1))
+    result = run_prepare(repo, "--params", str(params))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: data.seed: must be >= 0, got -1"
+    ], result.stderr

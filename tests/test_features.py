@@ -1,0 +1,136 @@
+"""Feature extractors: the trained domain classifier and the offline FID Inception v3."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import data, features
+from pipeline.cli import UserError
+from pipeline.config import Config, EvalConfig
+
+torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
+
+
+# --- the domain classifier ----------------------------------------------------------------------
+
+
+def test_featurize_classifier_reaches_98_percent_on_mnist5k_val(featurized_repo):
+    spec = json.loads((featurized_repo / "models/classifier/spec.json").read_text())
+    report = json.loads((featurized_repo / "reports/featurize.json").read_text())
+    assert spec["skipped"] is False
+    assert spec["val_accuracy"] >= 0.98 and report["val_accuracy"] == spec["val_accuracy"]
+    assert spec["val_samples"] == 500 and spec["num_classes"] == 10
+    # Re-measure from disk: the saved weights (weights_only loading, hash checked) are that good.
+    model, digest = features.load_classifier(featurized_repo / "models/classifier")
+    assert digest == spec["sha256"]
+    val = data.iter_split(data.shard_urls("val", str(featurized_repo / "data/shards")),
+                          batch_size=250, with_labels=True)
+    accuracy, seen = features.accuracy(model, val)
+    assert seen == 500 and accuracy == pytest.approx(spec["val_accuracy"], abs=1e-6)
+    assert model(torch.zeros(3, 1, 32, 32)).shape == (3, spec["feature_dim"])
+
+
+def test_classifier_builds_for_every_supported_shape():
+    for size, channels in ((16, 1), (64, 3), (128, 3)):
+        model = features.DomainClassifier(features.ClassifierSpec(size, channels, num_classes=5))
+        images = torch.zeros(2, channels, size, size)
+        assert model(images).shape == (2, features.CLASSIFIER_FEATURE_DIM)
+        assert model.logits(images).shape == (2, 5)
+
+
+def test_featurize_skips_unlabelled_data_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    Path("data/stats.json").write_text(json.dumps({"labelled": False, "num_classes": None}))
+    Path("models/classifier").mkdir(parents=True)
+    Path("models/classifier/weights.pt").write_bytes(b"stale")
+    record = features.featurize(Config())
+    spec = json.loads(Path("models/classifier/spec.json").read_text())
+    assert spec == record and spec["skipped"] is True and "no labels" in spec["reason"]
+    assert not Path("models/classifier/weights.pt").exists()
+    assert json.loads(Path("reports/featurize.json").read_text())["skipped"] is True
+
+
+def test_random_shift_moves_pixels_within_bounds():
+    image = torch.full((1, 1, 8, 8), -1.0)
+    image[0, 0, 4, 4] = 1.0
+    moved = features.random_shift(image.repeat(50, 1, 1, 1), 2, torch.Generator().manual_seed(0))
+    rows, cols = (moved[:, 0] == 1.0).nonzero()[:, 1:].T
+    assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # really random
+
+
+# --- the FID Inception v3 -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_in_weights(tmp_path_factory) -> Path:
+    """Random weights of the right architecture, saved as the real file is (a plain state dict
+    of 566 tensors) under the real file's name."""
+    torch.manual_seed(0)
+    # laid out as $TORCH_HOME/hub/checkpoints/<name>, where torch.hub keeps downloads
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    path = torch_home / "hub/checkpoints" / features.INCEPTION_FILENAMES[0]
+    path.parent.mkdir(parents=True)
+    torch.save(features.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+def test_inception_stand_in_loads_and_gives_2048_features(stand_in_weights):
+    state = torch.load(stand_in_weights, weights_only=True)
+    assert len(state) == 566  # as the published file
+    model, _ = features.load_inception(
+        stand_in_weights, expected_sha256=features.sha256_file(stand_in_weights)
+    )
+    key = "Mixed_7c.branch_pool.conv.weight"
+    assert torch.equal(model.state_dict()[key], state[key])
+    gray = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = model(gray)
+        assert out.shape == (2, 2048) and torch.isfinite(out).all()
+        # grayscale is the same image on R, G and B
+        assert torch.allclose(out, model(gray.expand(-1, 3, -1, -1)), atol=1e-5)
+    assert model.training is False and model.train().training is False
+
+
+def test_inception_with_the_wrong_hash_is_one_clear_error(stand_in_weights):
+    with pytest.raises(UserError, match=r"SHA-256 .* is not that of the FID Inception weights"):
+        features.load_inception(stand_in_weights)  # default: the published file's hash
+
+
+def test_missing_inception_file_names_the_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = EvalConfig(feature_extractor="inception")
+    with pytest.raises(UserError) as err:
+        features.resolve_extractor_name(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert str(tmp_path / "torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth") in message
+    explicit = dataclasses.replace(cfg, inception_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(UserError, match=r"nowhere\.pth"):
+        features.resolve_extractor_name(explicit)
+
+
+def test_auto_prefers_inception_and_refuses_a_wrong_file(stand_in_weights, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(stand_in_weights.parents[2]))
+    assert features.resolve_extractor_name(EvalConfig())[0] == "inception"
+    with pytest.raises(UserError, match="SHA-256"):
+        features.build_extractor("inception", EvalConfig())
+
+
+def test_auto_falls_back_to_the_classifier_without_inception(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    classifier_dir = tmp_path / "classifier"
+    classifier_dir.mkdir()
+    (classifier_dir / "spec.json").write_text(json.dumps({"skipped": False}))
+    assert features.resolve_extractor_name(EvalConfig(), classifier_dir)[0] == "classifier"
+    (classifier_dir / "spec.json").write_text(json.dumps({"skipped": True, "reason": "no labels"}))
+    name, why = features.resolve_extractor_name(EvalConfig(), classifier_dir)
+    assert name is None and "no labels" in why and "Inception" in why
+    with pytest.raises(UserError, match="classifier"):
+        features.resolve_extractor_name(EvalConfig(feature_extractor="classifier"), classifier_dir)

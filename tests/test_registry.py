@@ -1,0 +1,231 @@
+"""Register, load, sample and promote: a real `mlflow server` and an embedded SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import free_port
+from mlflow import MlflowClient
+from PIL import Image
+from registry_helpers import (
+    DATASET_SHA,
+    EXTRACTOR_SHA,
+    error_lines,
+    make_workspace,
+    register_in_process,
+    register_stage,
+    run_cli,
+    tiny_generator,
+)
+
+from pipeline.sampling import latent_noise
+
+pytestmark = pytest.mark.slow
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _decision(client: MlflowClient, name: str, version: str, alias: str = "champion") -> dict:
+    return json.loads(client.get_model_version(name, version).tags[f"{alias}.decision"])
+
+
+def test_register_twice_makes_one_version_that_loads_without_pickle(mlflow_server, tmp_path):
+    name = "gen-register"
+    workspace = make_workspace(tmp_path, mlflow_server, seed=1, fid=12.5)
+    overrides = (*workspace["overrides"], f"register.model_name={name}")
+
+    register_stage(tmp_path, overrides)
+    first = json.loads((tmp_path / "reports" / "registry.json").read_text())
+    register_stage(tmp_path, overrides)
+    second = json.loads((tmp_path / "reports" / "registry.json").read_text())
+
+    assert (
+        first
+        == second
+        == {"name": name, "version": "1", "uri": f"models:/{name}/1", "alias": "candidate"}
+    )
+    client = _client(mlflow_server)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == ["1"]
+    version = client.get_model_version_by_alias(name, "candidate")
+    # Linked to the training run, tagged with what promote and a reader need.
+    assert version.run_id == workspace["run_id"]
+    tags = version.tags
+    assert float(tags["metric.fid_classifier"]) == 12.5
+    assert tags["feature_extractor"] == "classifier"
+    assert tags["feature_extractor_sha256"] == EXTRACTOR_SHA
+    assert tags["num_samples"] == "100"
+    assert tags["dataset_sha256"] == DATASET_SHA
+    assert tags["param.train.lr_g"] == str(workspace["config"].train.lr_g)
+    assert tags["mlflow_run_id"] == workspace["run_id"]
+    assert tags["ray_run_name"] == "ray-seed-1"
+
+    # The stored model holds code, JSON and a state_dict: nothing pickled to run at load.
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@candidate"))
+    stored = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    assert not any(p.endswith((".pkl", ".pickle", ".cloudpickle")) for p in stored), stored
+    assert {"MLmodel", "artifacts/generator.pt", "artifacts/spec.json"} <= stored, stored
+    assert any(p.endswith("generator_pyfunc.py") for p in stored), stored
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
+    z = latent_noise(5, 8, seed=3)
+    images = model.predict({"z": z})
+    assert images.shape == (5, 1, 16, 16) and images.dtype == np.float32
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    with torch.no_grad():
+        expected = workspace["generator"](torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-6)
+    inputs = model.metadata.get_input_schema().inputs
+    assert inputs[0].name == "z" and inputs[0].shape == (-1, 8)
+
+
+def test_sample_writes_grid_and_array_from_alias(mlflow_server, tmp_path):
+    workspace = make_workspace(
+        tmp_path, mlflow_server, seed=2, fid=10.0, overrides=("register.model_name=gen-sample",)
+    )
+    register_in_process(tmp_path, workspace, mlflow_server)
+
+    common = ["-m", "pipeline", "sample", "--tracking-uri", mlflow_server, "--seed", "7"]
+    model_uri = f"models:/{workspace['config'].register.model_name}@candidate"
+    run_cli([*common, "--model", model_uri, "--n", "10", "--out", "grid.png"], tmp_path)
+    run_cli([*common, "--model", model_uri, "--n", "10", "--out", "z.npy"], tmp_path)
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        # 10 images of 16 px, 4 per row (ceil(sqrt(10))), 3 rows, 2 px padding.
+        assert grid.size == (4 * 18 + 2, 3 * 18 + 2) and grid.mode == "L"
+    array = np.load(tmp_path / "z.npy", allow_pickle=False)
+    with torch.no_grad():
+        expected = workspace["generator"](torch.from_numpy(latent_noise(10, 8, seed=7))).numpy()
+    np.testing.assert_allclose(array, expected, atol=1e-6)
+
+
+def test_promote_moves_champion_only_for_better_and_records_decisions(mlflow_server, tmp_path):
+    name = "gen-promote"
+    uri = mlflow_server
+    client = _client(uri)
+
+    def register(seed: int, fid: float, **kwargs) -> str:
+        root = tmp_path / f"ws{seed}"
+        workspace = make_workspace(
+            root, uri, seed=seed, fid=fid, overrides=(f"register.model_name={name}",), **kwargs
+        )
+        return register_in_process(root, workspace, uri).version
+
+    def promote(*args: str, check: bool = True):
+        cli = ["-m", "pipeline", "promote", "--tracking-uri", uri, "--name", name, *args]
+        return run_cli(cli, tmp_path, check=check)
+
+    v1 = register(11, fid=10.0)
+    promote()  # nobody holds champion: the candidate takes it
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert _decision(client, name, v1)["previous_version"] is None
+
+    v2 = register(12, fid=5.0)
+    promote()
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    decision = _decision(client, name, v2)
+    assert decision["promoted"] and decision["previous_version"] == v1
+    assert (decision["value"], decision["previous_value"]) == (5.0, 10.0)
+    assert decision["metric"] == "fid_classifier" and decision["time"]
+    last = json.loads(client.get_registered_model(name).tags["champion.last_decision"])
+    assert last["version"] == v2
+
+    v3 = register(13, fid=20.0)
+    refused = promote(check=False)
+    assert refused.returncode == 1
+    [line] = error_lines(refused.stderr)
+    assert "does not beat champion version 2" in line and "fid_classifier=20" in line, line
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    assert _decision(client, name, v3)["promoted"] is False
+
+    promote("--version", v3, "--force")
+    assert client.get_model_version_by_alias(name, "champion").version == v3
+    assert _decision(client, name, v3)["forced"] is True
+
+    # Rollback to an older, better version: allowed; to an older, worse one: only with --force.
+    promote("--version", v2)
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    assert promote("--version", v1, check=False).returncode == 1
+    promote("--version", v1, "--force")
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+
+    # Higher-is-better metrics compare the other way round (classifier_score = 9 - fid/10).
+    promote("--version", v2, "--metric", "classifier_score")
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+
+    # A version scored with another extractor is not comparable, whatever its number.
+    v4 = register(14, fid=1.0, extractor_sha="f" * 64)
+    refused = promote("--version", v4, check=False)
+    assert refused.returncode == 1
+    assert "not comparable" in error_lines(refused.stderr)[0]
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+
+
+def test_unreachable_server_is_one_line_error_before_work(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    workspace = make_workspace(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", seed=4, fid=3.0)
+    commands = [
+        ["-m", "pipeline", "promote", "--tracking-uri", dead, "--name", "x"],
+        [
+            "-m",
+            "pipeline",
+            "sample",
+            "--tracking-uri",
+            dead,
+            "--model",
+            "models:/x@c",
+            "--out",
+            "g.png",
+        ],
+        ["-m", "pipeline", "compare", "--tracking-uri", dead, "--out", "c.png"],
+    ]
+    for args in commands:
+        result = run_cli(args, tmp_path, check=False)
+        assert result.returncode == 1, args
+        [line] = error_lines(result.stderr)
+        assert dead in line and "not reachable" in line
+    stage = register_stage(
+        tmp_path, (*workspace["overrides"], f"mlflow.tracking_uri={dead}"), check=False
+    )
+    assert stage.returncode == 1
+    assert "not reachable" in error_lines(stage.stderr)[0]
+    assert not (tmp_path / "reports" / "registry.json").exists()
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_register_and_sample_with_embedded_sqlite(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    workspace = make_workspace(tmp_path, uri, seed=5, fid=7.0)
+    overrides = (*workspace["overrides"], "register.model_name=gen-sqlite")
+    register_stage(tmp_path, overrides)
+    record = json.loads((tmp_path / "reports" / "registry.json").read_text())
+    assert record["version"] == "1"
+    run_cli(
+        [
+            "-m",
+            "pipeline",
+            "sample",
+            "--tracking-uri",
+            uri,
+            "--model",
+            "models:/gen-sqlite@candidate",
+            "--n",
+            "4",
+            "--out",
+            "s.npy",
+        ],
+        tmp_path,
+    )
+    array = np.load(tmp_path / "s.npy", allow_pickle=False)
+    with torch.no_grad():
+        expected = tiny_generator(5)(torch.from_numpy(latent_noise(4, 8, seed=0))).numpy()
+    np.testing.assert_allclose(array, expected, atol=1e-6)

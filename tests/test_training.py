@@ -1,0 +1,257 @@
+"""The trainer: DDP maths, NaN stop, real Ray Train runs (2 workers with a crash, exact resume),
+MLflow written by rank 0 only, and the preflight errors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoints, training
+from pipeline.cli import UserError
+from pipeline.config import Config, load_config
+from pipeline.distributed import run_gloo_ranks
+from pipeline.models import Generator, GeneratorSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.nz=16", "model.ngf=8", "model.ndf=8", "train.log_every_steps=10",
+        "train.loader_workers=1"]
+
+
+def tiny_config(**overrides: object) -> Config:
+    settings = [*TINY, *(f"{key}={value}" for key, value in overrides.items())]
+    return load_config(REPO_ROOT / "params.yaml", settings)
+
+
+class LocalHooks:
+    """`training.LoopHooks` without Ray: plain DDP, checkpoints kept in memory."""
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+        self.saved: list[dict] = []
+
+    def wrap_model(self, model):
+        if self.world_size == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+
+    def before_step(self, step):
+        pass
+
+    def save_checkpoint(self, state, metrics):
+        # Persist now, as Ray does: the live tensors keep training.
+        self.saved.append({"state": copy.deepcopy(state), "metrics": metrics})
+
+    def log_rows(self, rows):
+        pass
+
+    def publish_grid(self, epoch, step, images):
+        pass
+
+
+# --- the loop without Ray -----------------------------------------------------------------------
+
+
+def _steps_on_ranks(rank: int, world_size: int, real: torch.Tensor, noise: torch.Tensor) -> dict:
+    """Run `len(real)` DCGAN steps; this rank takes its slice of every global batch."""
+    torch.set_num_threads(1)
+    per_rank = real.shape[1] // world_size
+    cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": per_rank})
+    env = training.LoopEnv(rank, world_size, torch.device("cpu"), steps_per_epoch=10)
+    loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    for step_real, step_noise in zip(real, noise, strict=True):
+        loop.train_step(step_real[mine], step_noise[mine])
+    return {
+        "g": {k: v.clone() for k, v in training.unwrap(loop.generator).state_dict().items()},
+        "d": {k: v.clone() for k, v in training.unwrap(loop.discriminator).state_dict().items()},
+    }
+
+
+def test_two_ddp_ranks_take_the_steps_of_one_process_with_the_global_batch():
+    """SyncBatchNorm + DDP (two D forwards per backward, D skipped in G's all-reduce): two ranks
+    with 4 images each end where one process with those 8 images ends."""
+    generator = torch.Generator().manual_seed(1)
+    real = torch.rand(2, 8, 1, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(2, 8, 16, generator=generator)
+    rank0, rank1 = run_gloo_ranks(_steps_on_ranks, 2, (real, noise))
+    single = _steps_on_ranks(0, 1, real, noise)
+    for part in ("g", "d"):
+        for key, expected in single[part].items():
+            assert torch.equal(rank0[part][key], rank1[part][key]), f"{part}.{key} differs by rank"
+            torch.testing.assert_close(
+                rank0[part][key].double(), expected.double(), rtol=1e-4, atol=1e-6,
+                msg=lambda m, k=f"{part}.{key}": f"{k}: {m}",
+            )
+
+
+def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():
+    cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": 4,
+                         "train.checkpoint_every_steps": 2, "train.log_every_steps": 1})
+    hooks = LocalHooks()
+    loop = training.TrainLoop(cfg, training.LoopEnv(0, 1, torch.device("cpu"), 10), hooks)
+
+    def batches(epoch, skip):
+        for index in range(skip, 10):
+            images = torch.zeros(4, 1, 16, 16)
+            yield (images.fill_(float("nan")) if index == 2 else images), None
+
+    result = loop.run(batches)
+    assert result.nonfinite_step == 3
+    assert [saved["metrics"]["step"] for saved in hooks.saved] == [2]
+    good = hooks.saved[0]["state"]
+    assert all(torch.isfinite(t).all() for t in good["generator"].values())
+
+
+# --- real Ray Train runs ------------------------------------------------------------------------
+
+
+def ray_config(mnist_shards: Path, tmp_path: Path, **overrides: object) -> Config:
+    cfg = tiny_config(**{
+        "train.shards": str(mnist_shards / "data" / "shards"),
+        "train.storage_path": str(tmp_path / "ray_storage"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        **overrides,
+    })
+    return cfg
+
+
+def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "") -> dict:
+    from pipeline.ray_train import FAULT_ENV, train
+
+    if fault:
+        os.environ[FAULT_ENV] = fault
+    try:
+        return train(cfg, root=out, stats_path=mnist_shards / "data" / "stats.json")
+    finally:
+        os.environ.pop(FAULT_ENV, None)
+
+
+@pytest.mark.slow
+def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
+    ray_cluster, mnist_shards, tmp_path
+):
+    # 4,500 train images / (2 x 64) = 35 steps per epoch; checkpoint at 20; rank 1 dies at 25.
+    cfg = ray_config(mnist_shards, tmp_path, **{
+        "train.num_workers": 2, "train.batch_size": 64, "train.epochs": 2,
+        "train.checkpoint_every_steps": 20, "train.max_failures": 1,
+    })
+    out = tmp_path / "out"
+    record = run_stage(cfg, mnist_shards, out, fault="step=25,rank=1,mode=exit")
+
+    assert (Path(cfg.train.storage_path) / record["ray_run_name"] / "fault_injected").exists()
+    assert record["steps"] == 70 and record["images_seen"] == 70 * 128
+    assert record["resumed_from_steps"] == [20]
+    assert record["params_identical_across_ranks"] is True
+
+    with (out / "reports/train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 35, 40, 50, 60, 70]
+    assert sorted(p.name for p in (out / "reports/train_grids").iterdir()) == [
+        "epoch_001.png", "epoch_002.png"
+    ]
+    spec = json.loads((out / "models/generator.json").read_text())
+    generator = Generator(**spec["spec"])
+    generator.load_state_dict(torch.load(out / "models/generator.pt", weights_only=True))
+    assert spec["spec"] == GeneratorSpec(16, 8, 32, 1).to_dict() and spec["steps"] == 70
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["model.ngf"] == "8"
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        # One value per logged step: a second writer (rank 1) would double them.
+        assert sorted(steps) == [10, 20, 30, 35, 40, 50, 60, 70], key
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    pngs = [path for path in images if path.endswith(".png")]
+    grid_steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in pngs)
+    assert grid_steps == [35, 70]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
+    ray_cluster, mnist_shards, tmp_path
+):
+    # One worker, 128 per step: 35 steps; checkpoint at 10 (mid-epoch), crash at 15.
+    cfg = ray_config(mnist_shards, tmp_path, **{
+        "train.num_workers": 1, "train.batch_size": 128, "train.epochs": 1,
+        "train.checkpoint_every_steps": 10, "train.max_failures": 1,
+    })
+    straight = run_stage(cfg, mnist_shards, tmp_path / "straight")
+    resumed = run_stage(cfg, mnist_shards, tmp_path / "resumed", fault="step=15,rank=0,mode=raise")
+    assert straight["resumed_from_steps"] == [] and resumed["resumed_from_steps"] == [10]
+
+    def final_state(record: dict) -> dict:
+        run_dir = Path(record["ray_storage_path"]) / record["ray_run_name"]
+        latest = max(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        return checkpoints.load_state(latest)
+
+    a, b = final_state(straight), final_state(resumed)
+    assert a["step"] == b["step"] == 35
+    for part in ("generator", "discriminator"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), f"{part}.{key} differs after resume"
+    assert straight["generator_sha256"] == resumed["generator_sha256"]
+
+
+# --- preflight ----------------------------------------------------------------------------------
+
+
+def test_missing_shards_fail_in_one_line_before_ray(tmp_path):
+    from pipeline.ray_train import preflight
+
+    cfg = tiny_config(**{"train.shards": str(tmp_path / "nowhere")})
+    with pytest.raises(UserError, match="no train shards") as caught:
+        preflight(cfg, tmp_path, tmp_path / "stats.json")
+    assert "\n" not in str(caught.value)
+
+
+def test_too_many_cpus_per_worker_fail_before_any_worker(ray_cluster, mnist_shards, tmp_path):
+    from pipeline.ray_train import preflight
+
+    cfg = ray_config(mnist_shards, tmp_path, **{"train.cpus_per_worker": 64})
+    with pytest.raises(UserError, match="Ray has 4 CPUs, train needs 128"):
+        preflight(cfg, tmp_path, mnist_shards / "data" / "stats.json")
+    assert not (tmp_path / "ray_storage").exists()
+
+
+def test_an_unreachable_tracking_server_is_a_one_line_exit(mnist_shards, tmp_path):
+    from conftest import free_port, stage_env
+
+    result = subprocess.run(
+        [sys.executable, "stages/train.py", "-S", f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
+         "-S", f"train.storage_path={tmp_path / 'ray'}"],
+        cwd=mnist_shards, env=stage_env(mnist_shards), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MLflow tracking server http://127.0.0.1:")
+    assert "not reachable" in last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ray").exists() and not (mnist_shards / "models").exists()
+
+
+def test_fault_spec_is_validated():
+    from pipeline.ray_train import FaultSpec
+
+    assert FaultSpec.parse("step=3,rank=1,mode=exit") == FaultSpec(3, 1, "exit")
+    with pytest.raises(UserError, match="DCGAN_FAULT_INJECT"):
+        FaultSpec.parse("step=x")
+
+
+def test_param_digest_sees_a_single_changed_bit():
+    model = torch.nn.Linear(3, 2)
+    before = training.param_sha256(model)
+    with torch.no_grad():
+        model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(1.0))
+    assert training.param_sha256(model) != before
