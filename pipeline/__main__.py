@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.cli import run_stage
 from pipeline.config import PARAMS_FILE, Config, load_config
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking import check_reachable, resolve_tracking_uri
 
 
 def _params(args: argparse.Namespace) -> Config:
@@ -24,14 +24,18 @@ def _params(args: argparse.Namespace) -> Config:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    return args.tracking_uri or resolve_tracking_uri(_params(args).mlflow)
+    """The store to use, checked before the slow MLflow import: a dead server fails at once."""
+    uri = args.tracking_uri or resolve_tracking_uri(_params(args).mlflow)
+    check_reachable(uri)
+    return uri
 
 
-def _promote(args: argparse.Namespace) -> None:
+# Handlers import MLflow/torch late, after the tracking URI was checked (and --help stays fast).
+def _promote(args: argparse.Namespace, tracking_uri: str) -> None:
     from pipeline.registry import open_registry, promote
 
     cfg = _params(args)
-    client = open_registry(_tracking_uri(args))
+    client = open_registry(tracking_uri)
     decision = promote(
         client,
         args.name or cfg.register.model_name,
@@ -48,21 +52,21 @@ def _promote(args: argparse.Namespace) -> None:
     )
 
 
-def _sample(args: argparse.Namespace) -> None:
+def _sample(args: argparse.Namespace, tracking_uri: str) -> None:
     from pipeline.registry import open_registry
     from pipeline.sampling import sample_to_file
 
-    open_registry(_tracking_uri(args))
+    open_registry(tracking_uri)
     fmt = args.format or ("npy" if args.out.suffix == ".npy" else "png")
     out = sample_to_file(args.model, args.n, args.seed, args.out, fmt)
     print(f"wrote {out}")
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace, tracking_uri: str) -> None:
     from pipeline.compare import compare_runs
     from pipeline.registry import open_registry
 
-    client = open_registry(_tracking_uri(args))
+    client = open_registry(tracking_uri)
     table = compare_runs(
         client,
         args.experiment or _params(args).mlflow.experiment,
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse `argv` and run the chosen command; user errors exit 1 (params: 2) with one line."""
     args = build_parser().parse_args(argv)
-    run_stage(lambda: args.handler(args))
+    run_stage(lambda: args.handler(args, _tracking_uri(args)))
 
 
 if __name__ == "__main__":

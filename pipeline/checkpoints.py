@@ -114,6 +114,6 @@ def stack_ranks(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 
 def rank_row(stacked: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """The RNG states of one rank out of `stack_ranks` output, as compact tensors (torch's
-    set_rng_state ignores a view's storage offset: rank 1's row would read rank 0's bytes)."""
+    """The RNG states of one rank out of `stack_ranks` output, as compact copies: in torch
+    2.13 `Generator.set_state` on a row view (a storage offset) crashes the process."""
     return {key: value[rank].clone() for key, value in stacked.items()}

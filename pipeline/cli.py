@@ -31,7 +31,9 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def stage_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with `--params` and repeatable `-S section.key=value`."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
     parser.add_argument(
         "-S",
         "--set-param",

@@ -22,10 +22,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding_px: int = 2
     count, height, width, channels = pixels.shape
     per_row = nrow or math.ceil(math.sqrt(count))
     rows = math.ceil(count / per_row)
-    canvas = np.zeros(
-        (rows * (height + padding_px) + padding_px, per_row * (width + padding_px) + padding_px, channels),
-        dtype=np.uint8,
-    )
+    canvas_height = rows * (height + padding_px) + padding_px
+    canvas_width = per_row * (width + padding_px) + padding_px
+    canvas = np.zeros((canvas_height, canvas_width, channels), dtype=np.uint8)
     for index in range(count):
         top = padding_px + (index // per_row) * (height + padding_px)
         left = padding_px + (index % per_row) * (width + padding_px)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -331,7 +332,7 @@ def train(cfg: Config, root: str | Path = ".", stats_path: str | Path | None = N
     except BaseException:
         tracking.end_run(plan.tracking_uri, run_id, "FAILED")
         raise
-    state, outcome = result
+    state, outcome, final_checkpoint = result
     spec = write_outputs(state, root)
     elapsed_s = time.perf_counter() - started
     rows = state["log_rows"]
@@ -341,6 +342,7 @@ def train(cfg: Config, root: str | Path = ".", stats_path: str | Path | None = N
         "tracking_uri": plan.tracking_uri,
         "ray_run_name": run_name,
         "ray_storage_path": plan.storage_path,
+        "final_checkpoint": final_checkpoint,
         "steps": state["step"],
         "epochs": cfg.train.epochs,
         "steps_per_epoch": plan.steps_per_epoch,
@@ -363,18 +365,24 @@ def train(cfg: Config, root: str | Path = ".", stats_path: str | Path | None = N
     return record
 
 
+def _root_cause(err: BaseException) -> str:
+    """The most telling line of a worker-group error: the first `SomethingError: ...` line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (causes or lines or [type(err).__name__])[0]
+
+
 def _run_to_end(
     cfg: Config, plan: TrainPlan, run_name: str, run_id: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit; return (final checkpoint state, rank 0's loop result) or raise UserError."""
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Fit; return (final checkpoint state, rank 0's loop result, its path) or raise UserError."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     try:
         result = _fit(cfg, plan, run_name, run_id)
     except TrainingFailedError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"training failed after {cfg.train.max_failures} restart(s): {first_line} "
+            f"training failed after {cfg.train.max_failures} restart(s): {_root_cause(err)} "
             f"(checkpoints: {plan.storage_path}/{run_name})"
         ) from err
     outcome = result.return_value or {}
@@ -388,5 +396,5 @@ def _run_to_end(
         raise UserError(f"training ended without a checkpoint ({plan.storage_path}/{run_name})")
     with result.checkpoint.as_directory() as directory:
         state = checkpoints.load_state(directory)
-    return state, outcome
+    return state, outcome, result.checkpoint.path
 

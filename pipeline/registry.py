@@ -40,12 +40,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -55,8 +55,10 @@ from mlflow.types import Schema, TensorSpec
 from pipeline import paths
 from pipeline.cli import UserError
 from pipeline.config import Config, to_flat_dict
-from pipeline.models import GeneratorSpec
 from pipeline.tracking import check_reachable, read_train_run
+
+if TYPE_CHECKING:  # torch (via pipeline.models) is imported only when registering: promote skips it
+    from pipeline.models import GeneratorSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,19 @@ TAG_EXTRACTOR = "feature_extractor"
 TAG_EXTRACTOR_SHA = "feature_extractor_sha256"
 TAG_NUM_SAMPLES = "num_samples"
 METRIC_TAG_PREFIX = "metric."
+# Version tag -> the metrics.json keys that may hold it (evaluate writes `extractor`, ...).
+EVALUATION_IDENTITY_KEYS = {
+    TAG_EXTRACTOR: ("feature_extractor", "extractor"),
+    TAG_EXTRACTOR_SHA: ("feature_extractor_sha256", "extractor_sha256"),
+    TAG_NUM_SAMPLES: ("num_samples",),
+}
+# Tags that must be equal for two versions' metrics to be comparable, and how to name them.
+COMPARABILITY_TAGS = (
+    (TAG_EXTRACTOR_SHA, "feature extractor"),
+    (TAG_NUM_SAMPLES, "N"),
+    (METRIC_TAG_PREFIX + "num_real_samples", "number of real images"),
+    ("dataset_sha256", "dataset"),
+)
 # Tried in order when `promote` is not given --metric: standard FID first, then the domain one.
 DEFAULT_PROMOTE_METRICS = ("fid_inception", "fid_classifier")
 LOWER_IS_BETTER_PREFIXES = ("fid", "kid")
@@ -85,6 +100,10 @@ class Registration:
     uri: str
     alias: str
     created: bool
+
+    def __str__(self) -> str:
+        how = "new version" if self.created else "these weights were already registered"
+        return f"{self.name} version {self.version} ({how}) holds alias {self.alias!r}: {self.uri}"
 
 
 @dataclass(frozen=True)
@@ -167,14 +186,19 @@ def _is_number(value: Any) -> bool:
 def evaluation_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     """Version tags from reports/metrics.json: numbers as `metric.<name>`, the extractor's name
     and hash and N under their own keys, any other entry as `eval.<name>`."""
+    flat = _flatten(metrics)
+    identity_keys = {key for keys in EVALUATION_IDENTITY_KEYS.values() for key in keys}
     tags: dict[str, str] = {}
-    for key, value in _flatten(metrics).items():
-        if key in (TAG_EXTRACTOR, TAG_EXTRACTOR_SHA, TAG_NUM_SAMPLES):
-            tags[key] = str(value)
+    for tag, keys in EVALUATION_IDENTITY_KEYS.items():
+        found = next((flat[key] for key in keys if flat.get(key) is not None), None)
+        if found is not None:
+            tags[tag] = str(found)
+    for key, value in flat.items():
         if _is_number(value):
             tags[METRIC_TAG_PREFIX + key] = repr(float(value))
-        elif key not in (TAG_EXTRACTOR, TAG_EXTRACTOR_SHA):
-            tags[f"eval.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+        elif key not in identity_keys:
+            # Booleans, nulls, lists as JSON; strings such as a skipped-FID reason as they are.
+            tags[f"eval.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return tags
 
 
@@ -248,7 +272,7 @@ def log_generator_model(
                 # Explicit requirements: inferring them would import the model in a subprocess.
                 pip_requirements=[
                     f"mlflow=={mlflow.__version__}",
-                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"torch=={package_version('torch').split('+')[0]}",
                     f"numpy=={np.__version__}",
                 ],
             )
@@ -293,6 +317,8 @@ def register_generator(
     metrics = _read_json(metrics_path, "evaluate")
     train_run = read_train_run(train_run_path)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    from pipeline.models import GeneratorSpec
+
     spec = GeneratorSpec.from_dict(generator_info["spec"])
     weights_sha256 = file_sha256(weights_path)
     recorded_sha = generator_info.get("sha256")
@@ -381,7 +407,7 @@ def choose_metric(version: ModelVersion, metric: str | None) -> str:
 
 def _refusal(candidate: ModelVersion, holder: ModelVersion, alias: str, metric: str) -> str | None:
     """Why `candidate` may not take `alias` from `holder` on `metric`, or None if it beats it."""
-    for key, label in ((TAG_EXTRACTOR_SHA, "feature extractor"), (TAG_NUM_SAMPLES, "N")):
+    for key, label in COMPARABILITY_TAGS:
         mine, theirs = candidate.tags.get(key), holder.tags.get(key)
         if mine != theirs:
             return (

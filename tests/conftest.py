@@ -134,9 +134,11 @@ def featurized_repo(mnist_shards, tmp_path_factory):
     trained domain classifier in models/classifier). Read-only for tests: copy what you change."""
     repo = copy_repo(tmp_path_factory.mktemp("featurized") / "repo")
     shutil.copytree(mnist_shards / "data", repo / "data")
+    # One torch thread: on 2 shared cores, two threads per process stall each other.
     result = subprocess.run(
         [sys.executable, "stages/featurize.py"],
-        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
+        cwd=repo, env={**stage_env(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=600,
     )
     if result.returncode != 0:
         pytest.fail(f"featurize on mnist5k failed:\n{result.stderr[-3000:]}")

@@ -27,10 +27,11 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     noise = torch.Generator().manual_seed(7)
     random.gauss(0, 1)  # leaves a cached gauss_next: part of python's state
     np.random.randn()
+    other_rank = checkpoints.capture_rng(torch.Generator().manual_seed(8))
     saved = checkpoints.capture_rng(noise)
     state = {key: None for key in checkpoints.REQUIRED_KEYS} | {
         "format": checkpoints.FORMAT_VERSION,
-        "rng": checkpoints.stack_ranks([saved]),
+        "rng": checkpoints.stack_ranks([other_rank, saved]),  # this process plays rank 1
     }
     checkpoints.save_state(state, tmp_path)
     expected = _draws(noise)
@@ -40,7 +41,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     torch.manual_seed(999)
     random.seed(999)
     np.random.seed(999)
-    checkpoints.restore_rng(checkpoints.rank_row(loaded["rng"], 0), fresh)
+    checkpoints.restore_rng(checkpoints.rank_row(loaded["rng"], 1), fresh)
     assert _draws(fresh) == expected
 
 

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 from registry_helpers import error_lines, make_workspace, register_in_process, run_cli
 
-from pipeline.compare import CAPTION_HEIGHT_PX, GAP_PX
+from pipeline.cli import UserError
+from pipeline.compare import CAPTION_HEIGHT_PX, GAP_PX, compare_runs
 from pipeline.grids import make_grid
+from pipeline.registry import open_registry
 from pipeline.sampling import latent_noise
 
 pytestmark = pytest.mark.slow
@@ -78,36 +80,35 @@ def test_compare_two_runs_writes_table_and_side_by_side_grids(mlflow_server, tmp
     )
     assert not np.array_equal(first, second)
 
-    # The same comparison as a markdown table, for explicit run ids.
-    run_cli(
+    # The same comparison as a markdown table, for explicit run ids, in their order.
+    order = [workspaces[22]["run_id"], workspaces[21]["run_id"]]
+    client = open_registry(mlflow_server)
+    compare_runs(client, experiment, order, tmp_path / "again.png", tmp_path / "compare.md")
+    markdown = (tmp_path / "compare.md").read_text()
+    assert markdown.startswith("| run_id") and "param.train.lr_g" in markdown
+    assert markdown.index(order[0]) < markdown.index(order[1])
+
+
+def test_compare_refuses_a_bad_table_suffix_and_a_missing_experiment(mlflow_server, tmp_path):
+    client = open_registry(mlflow_server)
+    with pytest.raises(UserError, match=r"--table must end with \.csv or \.md"):
+        compare_runs(client, "any", [], tmp_path / "c.png", tmp_path / "t.xlsx")
+    missing = run_cli(
         [
             "-m",
             "pipeline",
             "compare",
             "--tracking-uri",
             mlflow_server,
-            "--experiment",
-            experiment,
-            "--runs",
-            workspaces[22]["run_id"],
-            workspaces[21]["run_id"],
             "--out",
-            "again.png",
-            "--table",
-            "compare.md",
+            "c.png",
+            "--experiment",
+            "no-such-experiment",
         ],
         tmp_path,
+        check=False,
     )
-    markdown = (tmp_path / "compare.md").read_text()
-    assert markdown.startswith("| run_id") and "param.train.lr_g" in markdown
-    assert markdown.index(workspaces[22]["run_id"]) < markdown.index(workspaces[21]["run_id"])
-
-
-def test_compare_refuses_a_bad_table_suffix_and_a_missing_experiment(mlflow_server, tmp_path):
-    base = ["-m", "pipeline", "compare", "--tracking-uri", mlflow_server, "--out", "c.png"]
-    bad_suffix = run_cli([*base, "--experiment", "x", "--table", "t.xlsx"], tmp_path, check=False)
-    assert bad_suffix.returncode == 1 and ".csv or .md" in error_lines(bad_suffix.stderr)[0]
-    missing = run_cli([*base, "--experiment", "no-such-experiment"], tmp_path, check=False)
     assert missing.returncode == 1
-    assert "no MLflow experiment named 'no-such-experiment'" in error_lines(missing.stderr)[0]
+    [line] = error_lines(missing.stderr)
+    assert "no MLflow experiment named 'no-such-experiment'" in line
     assert not (tmp_path / "c.png").exists()

@@ -23,7 +23,9 @@ from registry_helpers import (
     tiny_generator,
 )
 
-from pipeline.sampling import latent_noise
+from pipeline import registry
+from pipeline.cli import UserError
+from pipeline.sampling import latent_noise, sample_to_file
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +36,24 @@ def _client(uri: str) -> MlflowClient:
 
 def _decision(client: MlflowClient, name: str, version: str, alias: str = "champion") -> dict:
     return json.loads(client.get_model_version(name, version).tags[f"{alias}.decision"])
+
+
+def test_evaluation_tags_read_both_spellings_of_the_extractor_keys():
+    written_by_evaluate = {
+        "extractor": "classifier",
+        "extractor_sha256": "ab" * 32,
+        "num_samples": 500,
+        "fid_classifier": 3.25,
+        "mode_collapse": False,
+    }
+    tags = registry.evaluation_tags(written_by_evaluate)
+    assert tags["feature_extractor"] == "classifier"
+    assert tags["feature_extractor_sha256"] == "ab" * 32
+    assert tags["num_samples"] == "500"
+    assert float(tags["metric.fid_classifier"]) == 3.25
+    assert tags["eval.mode_collapse"] == "false"
+    assert registry.lower_is_better("kid_classifier")
+    assert not registry.lower_is_better("classifier_score")
 
 
 def test_register_twice_makes_one_version_that_loads_without_pickle(mlflow_server, tmp_path):
@@ -94,10 +114,11 @@ def test_sample_writes_grid_and_array_from_alias(mlflow_server, tmp_path):
     )
     register_in_process(tmp_path, workspace, mlflow_server)
 
-    common = ["-m", "pipeline", "sample", "--tracking-uri", mlflow_server, "--seed", "7"]
     model_uri = f"models:/{workspace['config'].register.model_name}@candidate"
-    run_cli([*common, "--model", model_uri, "--n", "10", "--out", "grid.png"], tmp_path)
-    run_cli([*common, "--model", model_uri, "--n", "10", "--out", "z.npy"], tmp_path)
+    sample = ["-m", "pipeline", "sample", "--tracking-uri", mlflow_server, "--model", model_uri]
+    run_cli([*sample, "--n", "10", "--seed", "7", "--out", "grid.png"], tmp_path)
+    # The same images as an array (the CLI writes one in the SQLite test below).
+    sample_to_file(model_uri, 10, 7, tmp_path / "z.npy", "npy")
 
     with Image.open(tmp_path / "grid.png") as grid:
         # 10 images of 16 px, 4 per row (ceil(sqrt(10))), 3 rows, 2 px padding.
@@ -152,27 +173,30 @@ def test_promote_moves_champion_only_for_better_and_records_decisions(mlflow_ser
     assert _decision(client, name, v3)["forced"] is True
 
     # Rollback to an older, better version: allowed; to an older, worse one: only with --force.
-    promote("--version", v2)
+    # (Through the library the CLI calls: each new interpreter costs seconds of CPU.)
+    registry.promote(client, name, version=v2)
     assert client.get_model_version_by_alias(name, "champion").version == v2
-    assert promote("--version", v1, check=False).returncode == 1
-    promote("--version", v1, "--force")
+    with pytest.raises(UserError, match="does not beat champion version 2"):
+        registry.promote(client, name, version=v1)
+    registry.promote(client, name, version=v1, force=True)
     assert client.get_model_version_by_alias(name, "champion").version == v1
 
     # Higher-is-better metrics compare the other way round (classifier_score = 9 - fid/10).
-    promote("--version", v2, "--metric", "classifier_score")
+    decision = registry.promote(client, name, version=v2, metric="classifier_score")
+    assert decision.promoted and (decision.value, decision.previous_value) == (8.5, 8.0)
     assert client.get_model_version_by_alias(name, "champion").version == v2
 
     # A version scored with another extractor is not comparable, whatever its number.
     v4 = register(14, fid=1.0, extractor_sha="f" * 64)
-    refused = promote("--version", v4, check=False)
-    assert refused.returncode == 1
-    assert "not comparable" in error_lines(refused.stderr)[0]
+    with pytest.raises(UserError, match=r"different feature extractor .* not comparable"):
+        registry.promote(client, name, version=v4)
     assert client.get_model_version_by_alias(name, "champion").version == v2
+    assert _decision(client, name, v4)["promoted"] is False
 
 
-def test_unreachable_server_is_one_line_error_before_work(tmp_path):
+def test_unreachable_server_is_one_line_error_before_work(mlflow_server, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    workspace = make_workspace(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", seed=4, fid=3.0)
+    workspace = make_workspace(tmp_path, mlflow_server, seed=4, fid=3.0)
     commands = [
         ["-m", "pipeline", "promote", "--tracking-uri", dead, "--name", "x"],
         [

@@ -22,7 +22,7 @@ from pipeline.models import Generator, GeneratorSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.nz=16", "model.ngf=8", "model.ndf=8", "train.log_every_steps=10",
-        "train.loader_workers=1"]
+        "train.loader_workers=0"]
 
 
 def tiny_config(**overrides: object) -> Config:
@@ -182,26 +182,34 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     ray_cluster, mnist_shards, tmp_path
 ):
-    # One worker, 128 per step: 35 steps; checkpoint at 10 (mid-epoch), crash at 15.
+    """One worker on CPU, crashed at step 15 and resumed from the (mid-epoch) checkpoint at
+    10, ends with the very bits of the same loop run straight through without Ray."""
+    from pipeline import data
+
     cfg = ray_config(mnist_shards, tmp_path, **{
         "train.num_workers": 1, "train.batch_size": 128, "train.epochs": 1,
         "train.checkpoint_every_steps": 10, "train.max_failures": 1,
     })
-    straight = run_stage(cfg, mnist_shards, tmp_path / "straight")
     resumed = run_stage(cfg, mnist_shards, tmp_path / "resumed", fault="step=15,rank=0,mode=raise")
-    assert straight["resumed_from_steps"] == [] and resumed["resumed_from_steps"] == [10]
+    assert resumed["resumed_from_steps"] == [10] and resumed["steps"] == 35
 
-    def final_state(record: dict) -> dict:
-        run_dir = Path(record["ray_storage_path"]) / record["ray_run_name"]
-        latest = max(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
-        return checkpoints.load_state(latest)
+    torch.set_num_threads(cfg.train.cpus_per_worker)  # as the Ray worker does
+    urls = data.shard_urls("train", cfg.train.shards)
+    straight = training.TrainLoop(
+        cfg, training.LoopEnv(0, 1, torch.device("cpu"), resumed["steps_per_epoch"]), LocalHooks()
+    )
+    straight.run(lambda epoch, skip: data.train_batches(
+        urls, batch_size=128, rank=0, world_size=1, num_batches=35, seed=cfg.train.seed,
+        epoch=epoch, skip_batches=skip, loader_workers=cfg.train.loader_workers,
+    ))
 
-    a, b = final_state(straight), final_state(resumed)
-    assert a["step"] == b["step"] == 35
-    for part in ("generator", "discriminator"):
-        for key, tensor in a[part].items():
-            assert torch.equal(tensor, b[part][key]), f"{part}.{key} differs after resume"
-    assert straight["generator_sha256"] == resumed["generator_sha256"]
+    final = checkpoints.load_state(resumed["final_checkpoint"])
+    models = {"generator": straight.generator, "discriminator": straight.discriminator}
+    for part, model in models.items():
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, final[part][key]), f"{part}.{key} differs after resume"
+    saved = torch.load(tmp_path / "resumed/models/generator.pt", weights_only=True)
+    assert all(torch.equal(v, straight.generator.state_dict()[k]) for k, v in saved.items())
 
 
 # --- preflight ----------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The reference: a plain, single-process PyTorch DCGAN loop, as one would write it by hand.
+
+Same models (pipeline.models), same init, same optimiser settings and the same maths per step
+as the product's `training.TrainLoop.train_step` (D on real and fake with one backward, G with
+D's weights frozen), and nothing else: no Ray, no DDP wrapper, no metrics, no checkpoints, no
+grids, no host sync. What the product costs beyond this is its machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.models import GeneratorSpec, build_discriminator, build_generator
+
+
+class PlainDCGAN:
+    """Models + optimisers; `step(real, noise)` is one DCGAN update."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", *,
+                 channels_last: bool = False, wrap: Any = None) -> None:
+        torch.manual_seed(cfg.train.seed)
+        device = torch.device(device)
+        spec = GeneratorSpec(cfg.model.nz, cfg.model.ngf, cfg.data.image_size, cfg.data.channels)
+        generator = build_generator(spec).to(device)
+        discriminator = build_discriminator(
+            cfg.model.ndf, cfg.data.image_size, cfg.data.channels
+        ).to(device)
+        if channels_last:
+            generator = generator.to(memory_format=torch.channels_last)
+            discriminator = discriminator.to(memory_format=torch.channels_last)
+        # `wrap`: e.g. DDP for the plain gloo reference of the scaling benchmark.
+        self.generator = wrap(generator) if wrap else generator
+        self.discriminator = wrap(discriminator) if wrap else discriminator
+        self.d_params = list(discriminator.parameters())
+        betas = (cfg.train.beta1, cfg.train.beta2)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d_params, lr=cfg.train.lr_d, betas=betas)
+        self.criterion = nn.BCEWithLogitsLoss()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.train.precision == "bf16")
+        self.no_sync = getattr(self.discriminator, "no_sync", contextlib.nullcontext)
+        self.device = device
+
+    def step(self, real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One update; returns loss_d + loss_g as a tensor (no host sync)."""
+        self.opt_d.zero_grad(set_to_none=True)
+        with self.autocast:
+            fake = self.generator(noise)
+            logits_real = self.discriminator(real)
+            logits_fake = self.discriminator(fake.detach())
+            loss_d = self.criterion(logits_real, torch.ones_like(logits_real)) + self.criterion(
+                logits_fake, torch.zeros_like(logits_fake)
+            )
+        loss_d.backward()
+        self.opt_d.step()
+
+        self.opt_g.zero_grad(set_to_none=True)
+        for param in self.d_params:
+            param.requires_grad_(False)
+        with self.no_sync(), self.autocast:
+            logits_gen = self.discriminator(fake)
+            loss_g = self.criterion(logits_gen, torch.ones_like(logits_gen))
+        loss_g.backward()
+        for param in self.d_params:
+            param.requires_grad_(True)
+        self.opt_g.step()
+        return loss_d.detach() + loss_g.detach()
+
+    def run(self, batches: Iterable[torch.Tensor], nz: int, seed: int = 0) -> float:
+        """Train on every batch of `batches`; returns the summed losses (one sync, at the end)."""
+        noise_rng = torch.Generator(device=self.device).manual_seed(seed)
+        total = torch.zeros((), device=self.device)
+        for images in batches:
+            real = images.to(self.device, non_blocking=True)
+            noise = torch.randn(real.shape[0], nz, device=self.device, generator=noise_rng)
+            total += self.step(real, noise)
+        return float(total)
+
+
+def random_batches(count: int, batch_size: int, image_size: int, channels: int,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """`count` distinct in-memory batches in [-1, 1] (cycle them for longer runs)."""
+    rng = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch_size, channels, image_size, image_size, generator=rng) * 2 - 1
+            for _ in range(count)]
