@@ -37,9 +37,12 @@ class PlainDCGAN:
         # `wrap`: e.g. DDP for the plain gloo reference of the scaling benchmark.
         self.generator = wrap(generator) if wrap else generator
         self.discriminator = wrap(discriminator) if wrap else discriminator
-        self.d_params = list(discriminator.parameters())
+        # Parameters of the wrapped models: a sync-BN conversion inside `wrap` shares them.
+        self.d_params = list(self.discriminator.parameters())
         betas = (cfg.train.beta1, cfg.train.beta2)
-        self.opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr_g, betas=betas)
+        self.opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=cfg.train.lr_g, betas=betas
+        )
         self.opt_d = torch.optim.Adam(self.d_params, lr=cfg.train.lr_d, betas=betas)
         self.criterion = nn.BCEWithLogitsLoss()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,

@@ -47,7 +47,8 @@ def ray_cluster():
     """A real local Ray cluster shared by every test (4 logical CPUs on 2 cores)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -116,5 +116,8 @@ def test_coverage_of_the_classifier_flags_one_digit_only(classifier_and_reals):
     one_class_output = only_ones[torch.arange(500) % len(only_ones)]  # a collapsed "generator"
     collapsed = metrics.class_coverage(model.logits(one_class_output).argmax(1), 10, 0.8)
     diverse = metrics.class_coverage(model.logits(val).argmax(1), 10, 0.8)
-    assert collapsed["mode_collapse"] is True and collapsed["classes_hit"] == 1
+    # (a few misread "1"s, repeated, may show up as other classes: the alarm still rings)
+    assert collapsed["mode_collapse"] is True and collapsed["class_coverage"] < 0.5
+    assert collapsed["class_entropy"] < 0.3
     assert diverse["mode_collapse"] is False and diverse["classes_hit"] == 10
+    assert diverse["class_entropy"] > 0.95
