@@ -166,7 +166,24 @@ def _train_worker(plan: dict[str, Any]) -> dict[str, Any]:
             loader_workers=cfg.train.loader_workers,
         )
 
-    return loop.run(batches).to_dict()
+    outcome = loop.run(batches).to_dict()
+    outcome["worker_node_ids"] = _gather_node_ids(world_size, device)
+    return outcome
+
+
+def _gather_node_ids(world_size: int, device: torch.device) -> list[str]:
+    """Every rank's Ray node id, in rank order: where the workers ran (a collective call)."""
+    import ray
+    import torch.distributed as dist
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node_id]
+    # Node ids are fixed-length hex: gathered as bytes (no pickling, works on gloo and NCCL).
+    local = torch.tensor(list(bytes.fromhex(node_id)), dtype=torch.uint8, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    return [bytes(t.cpu().tolist()).hex() for t in gathered]
 
 
 # --- driver side: preflight -----------------------------------------------------------------------
@@ -348,6 +365,7 @@ def train(cfg: Config, root: str | Path = ".", stats_path: str | Path | None = N
         "steps_per_epoch": plan.steps_per_epoch,
         "images_seen": state["images_seen"],
         "world_size": cfg.train.num_workers,
+        "worker_node_ids": outcome.get("worker_node_ids", []),
         "resumed_from_steps": outcome["resumed_from_steps"],
         "params_identical_across_ranks": len(set(outcome["param_sha256_by_rank"])) == 1,
         "generator_sha256": spec["sha256"],

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU benchmark for an NVIDIA machine that has PyTorch (+ numpy, pillow, pyyaml, fsspec, tqdm,
+# pandas, pyarrow, as PyTorch images usually do) but not this project's other wheels.
+#
+# Carry the missing pure-Python wheels from a machine with PyPI access, in the repo root:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+#       webdataset==1.0.2 braceexpand==0.1.7
+# (any other missing package the same way; binary ones need --python-version/--platform of the
+# GPU machine). Copy the repo with .whl/ to the GPU machine and run, from the repo root:
+#   bash benchmarks/gpu.sh [--steps 200 --repeats 3 --batch-size 128 --output gpu.json]
+# The wheels are installed with `pip --target` into a private directory put on PYTHONPATH:
+# nothing in the machine's Python is changed. No Ray, MLflow or DVC is needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+SITE=${GPU_BENCH_SITE:-/tmp/dcgan_bench_site}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+"$PYTHON" - <<'PY'
+import importlib, sys
+missing = [m for m in ("torch", "numpy", "PIL", "yaml", "fsspec", "tqdm", "pandas", "pyarrow",
+                       "webdataset", "braceexpand") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu.sh: missing Python packages {missing}: carry them as wheels in .whl/")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu.sh: no CUDA GPU visible to torch")
+print(f"gpu.sh: torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+exec "$PYTHON" -m benchmarks.gpu "$@"
