@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from pipeline.models import Generator, GeneratorSpec
+from pipeline.models import GeneratorSpec, load_generator
 
 # Bounds memory for large requests; the images do not depend on it (eval-mode BatchNorm).
 PREDICT_BATCH_SIZE = 256
@@ -40,10 +40,8 @@ class GeneratorModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         spec = GeneratorSpec.from_dict(json.loads(Path(context.artifacts["spec"]).read_text()))
-        generator = Generator(spec.nz, spec.ngf, spec.image_size, spec.channels)
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        generator.load_state_dict(state)
-        self.generator = generator.eval()
+        # torch.load(weights_only=True) inside: a state_dict of tensors, nothing unpickled.
+        self.generator = load_generator(context.artifacts["weights"], spec)
 
     # No type hints here: MLflow would read them as a (list-based) input schema.
     def predict(self, context, model_input, params=None):

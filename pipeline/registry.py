@@ -57,7 +57,7 @@ from pipeline.cli import UserError
 from pipeline.config import Config, to_flat_dict
 from pipeline.tracking import check_reachable, read_train_run
 
-if TYPE_CHECKING:  # torch (via pipeline.models) is imported only when registering: promote skips it
+if TYPE_CHECKING:  # pipeline.models imports torch, which promote does not need
     from pipeline.models import GeneratorSpec
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,8 @@ def register_generator(
     Idempotent: a version that already holds these weights (by SHA-256) is reused, its tags
     refreshed. Writes `record_path` ({name, version, uri, alias}).
     """
+    from pipeline.models import GeneratorSpec  # torch: not needed by promote, so imported here
+
     name, alias = cfg.register.model_name, cfg.register.alias
     if not weights_path.exists():
         raise UserError(f"{weights_path} not found: run the train stage first")
@@ -317,8 +319,6 @@ def register_generator(
     metrics = _read_json(metrics_path, "evaluate")
     train_run = read_train_run(train_run_path)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    from pipeline.models import GeneratorSpec
-
     spec = GeneratorSpec.from_dict(generator_info["spec"])
     weights_sha256 = file_sha256(weights_path)
     recorded_sha = generator_info.get("sha256")

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PyFuncModel
 from tqdm import tqdm
 
 from pipeline.cli import UserError
 from pipeline.grids import save_grid
+
+if TYPE_CHECKING:  # evaluate imports latent_noise: keep MLflow out of its import
+    from mlflow.pyfunc import PyFuncModel
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def latent_noise(count: int, nz: int, seed: int) -> np.ndarray:
 
 def load_generator_model(model_uri: str) -> PyFuncModel:
     """Load a generator logged by `pipeline.registry` (models:/NAME@ALIAS, models:/NAME/V, ...)."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:

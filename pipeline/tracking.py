@@ -64,6 +64,14 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
             raise UserError(f"MLflow database directory {parent} does not exist ({tracking_uri})")
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (`<db dir>/mlruns`), not in
+    whatever directory the first writer happened to run from; servers choose their own."""
+    if not tracking_uri.startswith(_SQLITE):
+        return None
+    return (Path(tracking_uri[len(_SQLITE) :]).parent / "mlruns").resolve().as_uri()
+
+
 def _client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient  # imported late: a heavy import the workers mostly skip
 
@@ -83,7 +91,11 @@ def start_run(
 
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri))
+    )
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     items = [Param(key, str(value)) for key, value in params.items()]
     for start in range(0, len(items), _PARAMS_PER_BATCH):

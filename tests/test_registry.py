@@ -226,7 +226,9 @@ def test_unreachable_server_is_one_line_error_before_work(mlflow_server, tmp_pat
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "c.png").exists()
 
 
-def test_register_and_sample_with_embedded_sqlite(tmp_path):
+def test_register_and_sample_with_embedded_sqlite(tmp_path, monkeypatch):
+    # The store's default artifact root is ./mlruns of whoever creates the experiment.
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     workspace = make_workspace(tmp_path, uri, seed=5, fid=7.0)
     register_stage(tmp_path, (*workspace["overrides"], "register.model_name=gen-sqlite"))

@@ -1,0 +1,188 @@
+"""The train stage on a real 2-node Ray cluster, submitted the way a user does it:
+`ray job submit --working-dir <repo> -- python stages/train.py ...`.
+
+The two nodes are `ray start --block` processes in their own process groups with their own
+temp dirs, so that they are stopped by killing those groups: `ray stop` would also kill the
+session's other local Ray cluster (the `ray_cluster` fixture). One CPU per node and two
+training workers: the workers can only run on different nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, copy_repo, free_port, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+RAY = str(VENV_BIN / "ray")
+STOP_GRACE_S = 20.0
+
+
+def _cluster_env() -> dict[str, str]:
+    """Env of every cluster process and client: the venv first on PATH (the job's `python`),
+    and Ray 2.60's token authentication with a token of this cluster only (not ~/.ray)."""
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def _ray_processes(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions `marker` (our temp dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_node(process: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` (it stops what it started), then SIGKILL its group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is still there
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def _list_nodes(dashboard: str, env: dict[str, str]) -> list[dict]:
+    result = subprocess.run(
+        [RAY, "list", "nodes", "--address", dashboard, "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A head and a worker node on 127.0.0.1, one CPU each; yields (dashboard URL, env)."""
+    # Short: Ray puts Unix sockets under the temp dir (a 107-byte path limit).
+    temp_root = Path(tempfile.mkdtemp(prefix="rc2n_", dir="/tmp"))
+    env = _cluster_env()
+    gcs_port, dashboard_port = free_port(), free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    node_args = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--block",
+                 "--disable-usage-stats"]
+    commands = {
+        "head": [RAY, "start", "--head", "--port", str(gcs_port), *node_args,
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                 "--ray-client-server-port", str(free_port()),
+                 "--dashboard-agent-listen-port", str(free_port()),
+                 "--temp-dir", str(temp_root / "head")],
+        "worker": [RAY, "start", "--address", f"127.0.0.1:{gcs_port}", *node_args,
+                   "--dashboard-agent-listen-port", str(free_port()),
+                   "--temp-dir", str(temp_root / "worker")],
+    }
+    nodes: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for name, command in commands.items():
+            log = open(tmp_path / f"ray_{name}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            if name == "head":
+                wait_for_http(f"{dashboard}/api/gcs_healthz", timeout_s=180)
+        deadline = time.monotonic() + 180
+        while len([n for n in _list_nodes(dashboard, env) if n["state"] == "ALIVE"]) < 2:
+            assert time.monotonic() < deadline, "the worker node did not join within 180 s"
+            assert all(n.poll() is None for n in nodes), "a ray node exited; see ray_*.log"
+            time.sleep(2)
+        yield dashboard, env
+    finally:
+        for node in reversed(nodes):
+            _stop_node(node)
+        for log in logs:
+            log.close()
+        leaked = _ray_processes(str(temp_root))
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_root, ignore_errors=True)
+        assert not leaked, f"Ray processes outlived their node: {leaked}"
+
+
+def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlflow_server,
+                                            tmp_path):
+    """The stage submitted from a repo copy (data/stats.json but no shards in it) trains with
+    one worker per node, reading shards by fsspec URL and checkpointing to shared storage."""
+    from mlflow import MlflowClient
+
+    dashboard, env = two_node_cluster
+    repo = copy_repo(tmp_path / "repo")  # what `--working-dir` uploads: code + params + stats
+    (repo / "data").mkdir()
+    shutil.copy(mnist_shards / "data" / "stats.json", repo / "data" / "stats.json")
+    storage = tmp_path / "shared" / "ray_storage"  # "shared storage": every node sees /tmp
+    experiment = f"cluster-{secrets.token_hex(4)}"
+    overrides = {
+        "train.num_workers": 2, "train.cpus_per_worker": 1, "train.batch_size": 128,
+        "train.epochs": 1, "train.loader_workers": 0, "train.max_failures": 0,
+        "model.nz": 16, "model.ngf": 8, "model.ndf": 8,
+        "train.shards": (mnist_shards / "data" / "shards").as_uri(),  # file:///...: fsspec
+        "train.storage_path": str(storage),
+        "mlflow.tracking_uri": mlflow_server, "mlflow.experiment": experiment,
+    }
+    submission_id = f"dcgan-test-{secrets.token_hex(4)}"
+    command = [RAY, "job", "submit", "--address", dashboard, "--submission-id", submission_id,
+               "--working-dir", str(repo), "--", "python", "stages/train.py"]
+    for key, value in overrides.items():
+        command += ["-S", f"{key}={value}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert f"Job '{submission_id}' succeeded" in output, output[-2000:]
+
+    status = subprocess.run([RAY, "job", "status", "--address", dashboard, submission_id],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr
+
+    # MLflow: the run finished, with the loss curves and the stage's record as an artifact.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "loss_d")) >= 1
+    record_path = client.download_artifacts(run.info.run_id, "train_run.json", str(tmp_path))
+    record = json.loads(Path(record_path).read_text())
+
+    # The two workers ran on the two different nodes of the cluster.
+    alive = {node["node_id"] for node in _list_nodes(dashboard, env) if node["state"] == "ALIVE"}
+    assert len(record["worker_node_ids"]) == 2
+    assert set(record["worker_node_ids"]) == alive
+
+    # The final checkpoint is in the storage path, loadable, at the last step.
+    checkpoint = Path(record["final_checkpoint"])
+    assert checkpoint.is_relative_to(storage)
+    assert (checkpoint / "state.pt").is_file()
+    from pipeline import checkpoints
+
+    assert checkpoints.load_state(checkpoint)["step"] == record["steps"] > 0
