@@ -15,7 +15,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     RAY_USAGE_STATS_ENABLED=0
 
-RUN useradd --create-home --uid 1000 --shell /bin/bash ray
+# The app directory belongs to that user: the stages write data/, models/ and reports/ into it.
+RUN useradd --create-home --uid 1000 --shell /bin/bash ray \
+ && install -d -o ray -g ray /home/ray/app/data /home/ray/app/models /home/ray/app/reports \
+ && chown ray:ray /home/ray/app
 WORKDIR /home/ray/app
 
 COPY requirements.txt constraints.txt ./

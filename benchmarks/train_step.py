@@ -44,8 +44,10 @@ from pipeline import checkpoints, data, training
 from pipeline.config import Config
 from pipeline.grids import save_grid
 
+CPU = torch.device("cpu")
 POOL_BATCHES = 8  # distinct in-memory batches, cycled
 RATIO_GOAL = 0.95
+PRODUCTION_STEPS_PER_EPOCH = 140  # mnist5k: 4,500 train images / batch 32, one worker
 BF16_GOAL = 1.6
 
 
@@ -86,6 +88,30 @@ def product_images_per_s(cfg: Config, steps: int, source: training.BatchSource) 
     return steps * cfg.train.batch_size / elapsed
 
 
+def fixed_costs_s(cfg: Config, pool: list[torch.Tensor], device: torch.device = CPU,
+                  hooks: type[LocalHooks] = LocalHooks, sync=lambda: None) -> dict[str, float]:
+    """Seconds of the loop's work that is not a step, each timed alone (median of 3) on a
+    warmed-up loop: a log window (every log_every_steps), the epoch grid (every epoch), a
+    checkpoint (every checkpoint_every_steps) and the parameter digests (once, at the end)."""
+    costs: dict[str, list[float]] = {"log_window": [], "epoch_grid": [], "checkpoint": [],
+                                     "param_digests": []}
+    with tempfile.TemporaryDirectory(prefix="bench_fixed_") as directory:
+        env = training.LoopEnv(0, 1, device, steps_per_epoch=1000)
+        loop = training.TrainLoop(cfg, env, hooks(Path(directory)))
+        noise = torch.randn(cfg.train.batch_size, cfg.model.nz, device=device)
+        work = {"log_window": loop._sync_window, "epoch_grid": lambda: loop._epoch_grid(1),
+                "checkpoint": lambda: loop._checkpoint({}), "param_digests": loop._digests}
+        for _ in range(3):
+            for name, action in work.items():
+                loop.train_step(pool[0].to(device), noise)
+                sync()
+                started = time.perf_counter()
+                action()
+                sync()
+                costs[name].append(time.perf_counter() - started)
+    return {name: round(sorted(values)[1], 4) for name, values in costs.items()}
+
+
 def plain_images_per_s(cfg: Config, steps: int, pool: list[torch.Tensor]) -> float:
     """Images/s of the plain loop over `steps` steps of the cycled in-memory pool."""
     plain = PlainDCGAN(cfg)
@@ -124,26 +150,39 @@ def shards_for(shape: str, workdir: Path, images: int) -> list[str]:
 
 def bench_shape(shape: str, precision: str, args: argparse.Namespace, urls: list[str]) -> dict:
     image_size, channels = SHAPES[shape]
+    steps, repeats = args.steps, args.repeats
+    if precision == "bf16" and not has_fast_bf16():
+        # Emulated bf16 runs ~15x slower: fewer steps tell the same story in bearable time.
+        steps, repeats = max(2, steps // 8), min(repeats, 2)
     cfg = bench_config(image_size, channels, [f"train.precision={precision}",
                                               f"train.cpus_per_worker={args.threads}",
                                               "train.epochs=1"])
     pool = random_batches(POOL_BATCHES, cfg.train.batch_size, image_size, channels)
-    warmup = max(3, args.steps // 10)
+    warmup = max(1, steps // 10)
     plain_images_per_s(cfg, warmup, pool)  # oneDNN primitives, allocator: once per process
     product_images_per_s(cfg, warmup, memory_source(pool, warmup))
     sides = {
-        "plain": lambda: plain_images_per_s(cfg, args.steps, pool),
-        "product": lambda: product_images_per_s(cfg, args.steps, memory_source(pool, args.steps)),
+        "plain": lambda: plain_images_per_s(cfg, steps, pool),
+        "product": lambda: product_images_per_s(cfg, steps, memory_source(pool, steps)),
         "product_shards": lambda: product_images_per_s(
-            cfg, args.steps, shard_source(cfg, urls, args.steps)
+            cfg, steps, shard_source(cfg, urls, steps)
         ),
     }
-    rates = interleaved(sides, args.repeats)
+    rates = interleaved(sides, repeats)
     row = {name: summarise(values) for name, values in rates.items()}
     row["ratio_product_vs_plain"] = paired_ratio(rates["product"], rates["plain"])
     row["ratio_product_shards_vs_plain"] = paired_ratio(rates["product_shards"], rates["plain"])
     row["raw"] = rates
     row["batch_size"], row["loader_workers"] = cfg.train.batch_size, cfg.train.loader_workers
+    row["steps"], row["repeats"] = steps, repeats
+    row["fixed_costs_s"] = fixed_costs_s(cfg, pool)
+    step_s = cfg.train.batch_size / row["plain"]["median"]
+    # What those costs add per step at the product's cadence (params.yaml), in plain steps.
+    row["fixed_costs_per_step_vs_plain_step"] = round((
+        row["fixed_costs_s"]["log_window"] / cfg.train.log_every_steps
+        + row["fixed_costs_s"]["epoch_grid"] / PRODUCTION_STEPS_PER_EPOCH
+        + row["fixed_costs_s"]["checkpoint"] / cfg.train.checkpoint_every_steps
+    ) / step_s, 4)
     return row
 
 
@@ -162,10 +201,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[f"{shape}/{precision}"] = row
                 print(f" {shape} {precision} (batch {row['batch_size']}):")
                 for name in ("plain", "product", "product_shards"):
-                    print_row(f"{name} images/s (median of {args.repeats})", row[name]["median"])
+                    print_row(f"{name} images/s (median of {row['repeats']})",
+                              row[name]["median"])
                 print_row(f"product / plain (goal >= {RATIO_GOAL})",
                           row["ratio_product_vs_plain"])
                 print_row("product+shards / plain", row["ratio_product_shards_vs_plain"])
+                print_row("non-step work (s): window, grid, checkpoint, digests",
+                          list(row["fixed_costs_s"].values()))
+                print_row("  its cost per step at params.yaml cadence, in steps",
+                          row["fixed_costs_per_step_vs_plain_step"])
             if {"fp32", "bf16"} <= set(args.precisions):
                 fp32, bf16 = results[f"{shape}/fp32"], results[f"{shape}/bf16"]
                 speedup = {
@@ -184,8 +228,9 @@ def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     cli.add_argument("--threads", type=int, default=1, help="torch threads (= cpus_per_worker)")
-    cli.add_argument("--steps", type=int, default=60, help="timed steps per repeat")
-    cli.add_argument("--repeats", type=int, default=5, help="alternating repeats per side")
+    cli.add_argument("--steps", type=int, default=PRODUCTION_STEPS_PER_EPOCH,
+                     help="timed steps per repeat (one epoch: its grid, a checkpoint at the end)")
+    cli.add_argument("--repeats", type=int, default=3, help="alternating repeats per side")
     cli.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     cli.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     cli.add_argument("--shard-images", type=int, default=1200, help="synthetic images to shard")

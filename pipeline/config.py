@@ -132,7 +132,10 @@ class EvalConfig:
 
     num_samples: int = param(500, at_least(2), "generated (and real) images per FID/KID")
     batch_size: int = param(250, at_least(1), "images per generator/extractor batch")
-    feature_extractor: str = param("auto", one_of("auto", "inception", "classifier"))
+    feature_extractor: str = param(
+        "auto", one_of("auto", "inception", "classifier"),
+        "FID features; auto = Inception if its weights file is found, else classifier",
+    )
     inception_weights: str = param("", doc="path of the FID Inception weights file")
     kid_subset_size: int = param(100, at_least(2), "images per KID subset")
     seed: int = param(0, at_least(0), "seed of the evaluation noise")

@@ -9,6 +9,7 @@ training workers: the workers can only run on different nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,10 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import VENV_BIN, copy_repo, free_port, wait_for_http
 
-pytestmark = pytest.mark.slow
-
 RAY = str(VENV_BIN / "ray")
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = 15.0
 
 
 def _cluster_env() -> dict[str, str]:
@@ -41,34 +40,43 @@ def _cluster_env() -> dict[str, str]:
     }
 
 
-def _ray_processes(marker: str) -> list[int]:
-    """Pids of live processes whose command line mentions `marker` (our temp dir)."""
-    found = []
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """Every live process: pid -> (parent pid, start time, command line)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
+        if fields[0] != "Z":  # zombies are dead, just not yet reaped
+            table[int(entry.name)] = (int(fields[1]), fields[19], cmdline)
+    return table
+
+
+def _cluster_processes(roots: list[int], marker: str) -> set[tuple[int, str]]:
+    """(pid, start time) of the node processes, all their descendants (Ray renames its
+    workers `ray::...`, so the tree finds them), and anything naming our temp dir."""
+    table = _processes()
+    found = {pid for pid, (_, _, cmdline) in table.items() if marker in cmdline}
+    frontier = [pid for pid in roots if pid in table]
+    while frontier:
+        found.update(frontier)
+        frontier = [pid for pid, (ppid, _, _) in table.items()
+                    if ppid in frontier and pid not in found]
+    return {(pid, table[pid][1]) for pid in found if pid in table}
 
 
 def _stop_node(process: subprocess.Popen) -> None:
     """SIGTERM to `ray start --block` (it stops what it started), then SIGKILL its group."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is still there
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):  # whatever of the group is still there
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
 
 
@@ -118,17 +126,50 @@ def two_node_cluster(tmp_path):
             time.sleep(2)
         yield dashboard, env
     finally:
-        for node in reversed(nodes):
+        started = _cluster_processes([node.pid for node in nodes], str(temp_root))
+        for node in reversed(nodes):  # the worker node first, then the head
             _stop_node(node)
         for log in logs:
             log.close()
-        leaked = _ray_processes(str(temp_root))
+        alive = _processes()
+        leaked = sorted(pid for pid, start in started if alive.get(pid, (0, ""))[1] == start)
+        leaked += [pid for pid, _ in _cluster_processes([], str(temp_root)) if pid not in leaked]
         for pid in leaked:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp_root, ignore_errors=True)
         assert not leaked, f"Ray processes outlived their node: {leaked}"
 
 
+def _tiny_shard(path: Path, count: int = 4) -> None:
+    """A shard as prepare writes it: `<key>.png` (8x8 grayscale) + `<key>.cls`."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(count):
+            png = io.BytesIO()
+            Image.new("L", (8, 8), color=i * 60).save(png, format="PNG")
+            writer.write({"__key__": f"{i:06d}", "png": png.getvalue(), "cls": str(i).encode()})
+
+
+def test_shards_by_fsspec_url_are_listed_and_read(tmp_path):
+    """`train.shards` as a URL (what a cluster uses for shared storage) reads like a path."""
+    from pipeline import data
+
+    _tiny_shard(tmp_path / "train-000000.tar")
+    urls = data.shard_urls("train", tmp_path.as_uri())
+    assert urls == [(tmp_path / "train-000000.tar").as_uri()]
+    batches = list(data.train_batches(urls, batch_size=2, rank=0, world_size=1, num_batches=3,
+                                      seed=0, epoch=0, with_labels=True))
+    assert len(batches) == 3
+    images, labels = batches[0]
+    assert images.shape == (2, 1, 8, 8) and set(labels.tolist()) <= {0, 1, 2, 3}
+
+
+@pytest.mark.slow
 def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlflow_server,
                                             tmp_path):
     """The stage submitted from a repo copy (data/stats.json but no shards in it) trains with

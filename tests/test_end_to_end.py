@@ -1,0 +1,114 @@
+"""The whole DAG with real DVC on a fresh git repo (a copy of this one, tiny params):
+`dvc repro` makes every output, a second one does nothing, a changed `train.epochs` reruns
+train and what follows only, `dvc exp run -S` records a comparable experiment, and
+`dvc metrics show` / `dvc plots show` read what the stages wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_repo, stage_env
+
+pytestmark = pytest.mark.slow
+
+# mnist5k at 32 px (the real data), but small models, one short epoch and a small evaluation.
+TINY_PARAMS = {
+    "data": {"num_processes": 1},
+    "model": {"nz": 16, "ngf": 8, "ndf": 8},
+    "train": {"num_workers": 1, "batch_size": 256, "epochs": 1, "loader_workers": 0,
+              "checkpoint_every_steps": 1000, "max_failures": 0},
+    "featurize": {"epochs": 1, "batch_size": 256, "min_val_accuracy": 0.0},
+    "eval": {"num_samples": 100, "batch_size": 100, "kid_subset_size": 50},
+}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def _fresh_repo(target: Path) -> Path:
+    """A copy of the repo as its own git repo (one commit), with TINY_PARAMS in params.yaml."""
+    repo = copy_repo(target)
+    shutil.rmtree(repo / ".git", ignore_errors=True)
+    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
+    shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "e2e@example.invalid")
+    _git(repo, "config", "user.name", "e2e")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "tiny pipeline")
+    return repo
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    """Run `dvc ARGS` in `repo` as a user would; return its output, fail with it on error."""
+    env = {**stage_env(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)  # train starts its own local Ray, as on a laptop
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
+    return output
+
+
+def _declared_outputs(repo: Path) -> list[str]:
+    """Every path dvc.yaml declares as outs, metrics or plots."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    declared = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                declared.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return declared
+
+
+def _ran(output: str) -> set[str]:
+    return {stage for stage in ("prepare", "featurize", "train", "evaluate", "register")
+            if f"Running stage '{stage}'" in output}
+
+
+def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
+    repo = _fresh_repo(tmp_path / "repo")
+
+    first = _dvc(repo, "repro")
+    assert _ran(first) == {"prepare", "featurize", "train", "evaluate", "register"}
+    missing = [path for path in _declared_outputs(repo) if not (repo / path).exists()]
+    assert not missing, f"dvc repro did not produce {missing}"
+    assert json.loads((repo / "reports/registry.json").read_text())["version"]
+    assert "Data and pipelines are up to date." in _dvc(repo, "repro")
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = _dvc(repo, "repro")
+    assert _ran(rerun) == {"train", "evaluate", "register"}
+    assert "Stage 'prepare' didn't change, skipping" in rerun
+    assert json.loads((repo / "reports/train_run.json").read_text())["epochs"] == 2
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "two epochs")
+
+    _dvc(repo, "exp", "run", "-S", "train.lr_g=0.0001")
+    table = json.loads(_dvc(repo, "exp", "show", "--json", "--no-pager"))
+    experiments = [rev for baseline in table for group in baseline.get("experiments") or []
+                   for rev in group["revs"]]
+    assert len(experiments) == 1
+    data = experiments[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["lr_g"] == 0.0001
+    # The experiment commit holds its metrics (they are not git-ignored), so runs compare.
+    assert data["metrics"]["reports/metrics.json"]["data"]["fid_classifier"] >= 0
+    assert experiments[0]["name"] in _dvc(repo, "exp", "show", "--csv")
+
+    assert "fid_classifier" in _dvc(repo, "metrics", "show")
+    _dvc(repo, "plots", "show")
+    html = (repo / "dvc_plots" / "index.html").read_text()
+    assert "Training losses" in html
+    assert "loss_d" in html
