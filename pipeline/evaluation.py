@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline import data, features, metrics, paths, tracking
 from pipeline.cli import UserError
 from pipeline.config import Config
+from pipeline.files import sha256_file
 from pipeline.grids import save_grid
 from pipeline.models import Generator, GeneratorSpec, load_generator
 from pipeline.sampling import latent_noise
@@ -46,7 +47,7 @@ def load_trained_generator(
         if not path.exists():
             raise UserError(f"{path} not found: run the train stage first (`dvc repro train`)")
     record = json.loads(spec_path.read_text())
-    digest = features.sha256_file(weights)
+    digest = sha256_file(weights)
     if record.get("sha256") and record["sha256"] != digest:
         raise UserError(f"{weights} does not match {spec_path} (SHA-256): re-run the train stage")
     try:

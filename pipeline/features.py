@@ -15,7 +15,6 @@ dataset's size -> features (N, D) float32; `num_features` tells D (torchmetrics 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,19 +32,11 @@ from tqdm import tqdm
 from pipeline import data, paths
 from pipeline.cli import UserError
 from pipeline.config import Config, EvalConfig, FeaturizeConfig
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ MLflow on rank 0 only, and inject faults for tests (`DCGAN_FAULT_INJECT`, read h
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 from pipeline import checkpoints, data, paths, tracking
 from pipeline.cli import UserError
 from pipeline.config import Config, from_dict, to_flat_dict
+from pipeline.files import sha256_file
 from pipeline.grids import save_grid
 from pipeline.training import LOG_COLUMNS, LoopEnv, TrainLoop
 
@@ -297,10 +297,6 @@ def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:
     return trainer.fit()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_outputs(state: dict[str, Any], root: Path) -> dict[str, Any]:
     """Stage outputs from a final checkpoint: generator weights + spec, log CSV, grids."""
     weights = root / paths.GENERATOR_WEIGHTS
@@ -310,7 +306,7 @@ def write_outputs(state: dict[str, Any], root: Path) -> dict[str, Any]:
         "spec": state["spec"],
         "steps": state["step"],
         "images_seen": state["images_seen"],
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
     }
     (root / paths.GENERATOR_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
 

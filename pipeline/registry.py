@@ -31,7 +31,6 @@ the version and `<alias>.last_decision` on the registered model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -55,6 +54,7 @@ from mlflow.types import Schema, TensorSpec
 from pipeline import paths
 from pipeline.cli import UserError
 from pipeline.config import Config, to_flat_dict
+from pipeline.files import sha256_file
 from pipeline.tracking import check_reachable, read_train_run
 
 if TYPE_CHECKING:  # pipeline.models imports torch, which promote does not need
@@ -144,15 +144,6 @@ def _read_json(path: Path, produced_by: str) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path} not found: run the {produced_by} stage first")
     return json.loads(path.read_text())
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -320,7 +311,7 @@ def register_generator(
     train_run = read_train_run(train_run_path)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     spec = GeneratorSpec.from_dict(generator_info["spec"])
-    weights_sha256 = file_sha256(weights_path)
+    weights_sha256 = sha256_file(weights_path)
     recorded_sha = generator_info.get("sha256")
     if recorded_sha and recorded_sha != weights_sha256:
         raise UserError(

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.cli import UserError
 from pipeline.config import DataConfig
+from pipeline.files import sha256_file
 from pipeline.images import (
     REASONS,
     UNREADABLE,
@@ -245,9 +246,6 @@ def _write_manifest(rows: list[dict], path: Path) -> None:
     table.to_parquet(path, index=False)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 # --- statistics ---------------------------------------------------------------------------------
 
@@ -340,7 +338,7 @@ def prepare_dataset(cfg: DataConfig, root: Path = Path(".")) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     rows = _write_splits(good, splits, staging, cfg, class_index)
-    shard_hashes = {p.name: _file_sha256(p) for p in sorted(staging.glob("*.tar"))}
+    shard_hashes = {p.name: sha256_file(p) for p in sorted(staging.glob("*.tar"))}
     stats = _stats(cfg, source, outcomes, good, splits, rows, shard_hashes)
 
     shutil.rmtree(shards_dir, ignore_errors=True)

@@ -13,7 +13,8 @@ import torch
 from conftest import stage_env
 from PIL import Image
 
-from pipeline import features, tracking
+from pipeline import tracking
+from pipeline.files import sha256_file
 from pipeline.models import GeneratorSpec, build_generator
 
 torch.set_num_threads(1)
@@ -40,7 +41,7 @@ def eval_repo(featurized_repo, tmp_path_factory) -> tuple[Path, str, str]:
     torch.save(build_generator(spec).state_dict(), repo / "models/generator.pt")
     (repo / "models/generator.json").write_text(json.dumps({
         "spec": spec.to_dict(), "steps": 0, "images_seen": 0,
-        "sha256": features.sha256_file(repo / "models/generator.pt"),
+        "sha256": sha256_file(repo / "models/generator.pt"),
     }))
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     run_id, experiment_id = tracking.start_run(uri, "dcgan", {"model.nz": 16}, run_name="tiny")

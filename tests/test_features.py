@@ -12,6 +12,7 @@ import torch
 from pipeline import data, features
 from pipeline.cli import UserError
 from pipeline.config import Config, EvalConfig
+from pipeline.files import sha256_file
 
 torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
 
@@ -85,7 +86,7 @@ def test_inception_stand_in_loads_and_gives_2048_features(stand_in_weights):
     state = torch.load(stand_in_weights, weights_only=True)
     assert len(state) == 566  # as the published file
     model, _ = features.load_inception(
-        stand_in_weights, expected_sha256=features.sha256_file(stand_in_weights)
+        stand_in_weights, expected_sha256=sha256_file(stand_in_weights)
     )
     key = "Mixed_7c.branch_pool.conv.weight"
     assert torch.equal(model.state_dict()[key], state[key])
