@@ -80,13 +80,22 @@ def _stop_node(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def _list_nodes(dashboard: str, env: dict[str, str]) -> list[dict]:
+def _alive_node_ids(dashboard: str, env: dict[str, str]) -> tuple[set[str], str]:
+    """IDs of the ALIVE nodes per the state API, and what it said. Until the first node
+    registers, the CLI prints "No resource in the cluster" instead of JSON, and right after
+    the head starts the state API may refuse: both count as no nodes yet."""
     result = subprocess.run(
         [RAY, "list", "nodes", "--address", dashboard, "--format", "json"],
         env=env, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout)
+    said = (result.stdout + result.stderr)[-2000:]
+    if result.returncode != 0:
+        return set(), said
+    try:
+        nodes = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return set(), said
+    return {node["node_id"] for node in nodes if node["state"] == "ALIVE"}, said
 
 
 @pytest.fixture
@@ -120,8 +129,8 @@ def two_node_cluster(tmp_path):
             if name == "head":
                 wait_for_http(f"{dashboard}/api/gcs_healthz", timeout_s=180)
         deadline = time.monotonic() + 180
-        while len([n for n in _list_nodes(dashboard, env) if n["state"] == "ALIVE"]) < 2:
-            assert time.monotonic() < deadline, "the worker node did not join within 180 s"
+        while len((alive := _alive_node_ids(dashboard, env))[0]) < 2:
+            assert time.monotonic() < deadline, f"2 nodes not ALIVE within 180 s: {alive[1]}"
             assert all(n.poll() is None for n in nodes), "a ray node exited; see ray_*.log"
             time.sleep(2)
         yield dashboard, env
@@ -216,7 +225,7 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlfl
     record = json.loads(Path(record_path).read_text())
 
     # The two workers ran on the two different nodes of the cluster.
-    alive = {node["node_id"] for node in _list_nodes(dashboard, env) if node["state"] == "ALIVE"}
+    alive, _ = _alive_node_ids(dashboard, env)
     assert len(record["worker_node_ids"]) == 2
     assert set(record["worker_node_ids"]) == alive
 
