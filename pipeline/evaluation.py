@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline import data, features, metrics, paths, tracking
 from pipeline.cli import UserError
 from pipeline.config import Config
-from pipeline.files import sha256_file
+from pipeline.files import sha256_file, write_json
 from pipeline.grids import save_grid
 from pipeline.models import Generator, GeneratorSpec, load_generator
 from pipeline.sampling import latent_noise
@@ -242,8 +242,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     else:
         result["class_metrics_skipped_reason"] = "no domain classifier (unlabelled data)"
 
-    paths.EVAL_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    paths.EVAL_METRICS.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(paths.EVAL_METRICS, result)
     _log_to_mlflow(tracking_uri, train_run["mlflow_run_id"], result, grids)
     return result
 

@@ -13,7 +13,6 @@ MLflow on rank 0 only, and inject faults for tests (`DCGAN_FAULT_INJECT`, read h
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ import torch
 from pipeline import checkpoints, data, paths, tracking
 from pipeline.cli import UserError
 from pipeline.config import Config, from_dict, to_flat_dict
-from pipeline.files import sha256_file
+from pipeline.files import sha256_file, write_json
 from pipeline.grids import save_grid
 from pipeline.training import LOG_COLUMNS, LoopEnv, TrainLoop
 
@@ -308,7 +307,7 @@ def write_outputs(state: dict[str, Any], root: Path) -> dict[str, Any]:
         "images_seen": state["images_seen"],
         "sha256": sha256_file(weights),
     }
-    (root / paths.GENERATOR_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    write_json(root / paths.GENERATOR_SPEC, spec)
 
     log_path = root / paths.TRAIN_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,12 +369,15 @@ def train(cfg: Config, root: str | Path = ".", stats_path: str | Path | None = N
         "mean_images_per_s": sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
         "wall_s": round(elapsed_s, 1),
     }
-    record_path = root / paths.TRAIN_RUN
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    record_path = write_json(root / paths.TRAIN_RUN, record)
     tracking.log_artifact(plan.tracking_uri, run_id, record_path)
+    # Under `ray job submit` the local outputs vanish with the job; the run keeps the generator
+    # at the same relative paths, so `mlflow artifacts download -a models -d .` restores them.
+    for output in (paths.GENERATOR_WEIGHTS, paths.GENERATOR_SPEC):
+        tracking.log_artifact(plan.tracking_uri, run_id, root / output, str(output.parent))
     tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
-    logger.info("trained %d steps in %.0f s; generator: %s", state["step"], elapsed_s,
-                root / paths.GENERATOR_WEIGHTS)
+    logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
+                elapsed_s, root / paths.GENERATOR_WEIGHTS, run_id)
     return record
 
 

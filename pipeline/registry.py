@@ -54,7 +54,7 @@ from mlflow.types import Schema, TensorSpec
 from pipeline import paths
 from pipeline.cli import UserError
 from pipeline.config import Config, to_flat_dict
-from pipeline.files import sha256_file
+from pipeline.files import sha256_file, write_json
 from pipeline.tracking import check_reachable, read_train_run
 
 if TYPE_CHECKING:  # pipeline.models imports torch, which promote does not need
@@ -338,9 +338,8 @@ def register_generator(
         created = False
     client.set_registered_model_alias(name, alias, version)
     registration = Registration(name, str(version), f"models:/{name}/{version}", alias, created)
-    record_path.parent.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in asdict(registration).items() if k != "created"}
-    record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(record_path, record, sort_keys=True)
     log.info("%s version %s holds alias %r", name, version, alias)
     return registration
 

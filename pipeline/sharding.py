@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.cli import UserError
 from pipeline.config import DataConfig
-from pipeline.files import sha256_file
+from pipeline.files import sha256_file, write_json
 from pipeline.images import (
     REASONS,
     UNREADABLE,
@@ -344,7 +344,7 @@ def prepare_dataset(cfg: DataConfig, root: Path = Path(".")) -> dict:
     shutil.rmtree(shards_dir, ignore_errors=True)
     staging.rename(shards_dir)
     _write_manifest(rows, root / paths.MANIFEST)
-    (root / paths.STATS).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    write_json(root / paths.STATS, stats, sort_keys=True)
     log.info(
         "wrote %d train + %d val samples in %d shards; skipped %d",
         stats["splits"]["train"]["samples"], stats["splits"]["val"]["samples"],

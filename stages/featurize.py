@@ -6,8 +6,8 @@ data it writes only spec.json saying why (evaluate then uses Inception weights, 
 Usage: python stages/featurize.py [-S featurize.epochs=6]
 """
 
+from pipeline.classifier import featurize
 from pipeline.cli import parse_stage_config, run_stage
-from pipeline.features import featurize
 
 
 def main() -> None:

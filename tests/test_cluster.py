@@ -224,6 +224,14 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlfl
     record_path = client.download_artifacts(run.info.run_id, "train_run.json", str(tmp_path))
     record = json.loads(Path(record_path).read_text())
 
+    # The job's own models/ vanished with it; the run holds the generator at the same paths.
+    restored = Path(client.download_artifacts(run.info.run_id, "models", str(tmp_path)))
+    from pipeline.evaluation import load_trained_generator
+
+    _, spec = load_trained_generator(restored / "generator.pt", restored / "generator.json")
+    assert spec["sha256"] == record["generator_sha256"]
+    assert spec["steps"] == record["steps"]
+
     # The two workers ran on the two different nodes of the cluster.
     alive, _ = _alive_node_ids(dashboard, env)
     assert len(record["worker_node_ids"]) == 2

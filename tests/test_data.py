@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import tarfile
 from pathlib import Path
@@ -157,6 +158,47 @@ def test_hostile_members_are_never_unpickled(tmp_path):
 def _member_end_offsets(shard: Path) -> list[int]:
     with tarfile.open(shard) as tar:
         return [m.offset_data + (m.size + 511) // 512 * 512 for m in tar.getmembers()]
+
+
+def test_reads_what_webdataset_reads(tmp_path):
+    """Our header walk and webdataset agree, on our shards and on webdataset's TarWriter's."""
+    urls, _, _ = make_shards(tmp_path / "ours", [6])
+    theirs = tmp_path / "theirs.tar"
+    with wds.TarWriter(str(theirs)) as writer:
+        for sample in read_shard(urls[0]):
+            writer.write({"__key__": sample["__key__"], "png": sample["png"],
+                          "cls": sample["cls"], "txt": b"ignored"})
+    for url in (urls[0], str(theirs)):
+        expected = [{k: s[k] for k in ("__key__", "png", "cls")}
+                    for s in wds.WebDataset(url, shardshuffle=False)]
+        got = [{k: s[k] for k in ("__key__", "png", "cls")} for s in read_shard(url)]
+        assert got == expected and len(got) == 6
+
+
+def test_corrupt_member_header_is_a_clear_error(tmp_path):
+    urls, _, _ = make_shards(tmp_path, [4])
+    shard = Path(urls[0])
+    data = bytearray(shard.read_bytes())
+    data[_member_end_offsets(shard)[2] + 3] ^= 0x01  # a name byte of the 4th member's header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"shard {shard}: corrupt .*checksum"):
+        list(read_shard(str(shard)))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_member_names_read_as_tarfile_reads_them(tmp_path, tar_format):
+    """GNU and pax long-name headers (shards from other tools) name the next member."""
+    shard = tmp_path / "train-000000.tar"
+    png = encode_png(Image.fromarray(np.zeros((SIDE_PX, SIDE_PX), np.uint8)))
+    key = "d" * 120 + "/" + "é" * 120  # no ustar prefix split fits: an extension header
+    with tarfile.open(shard, "w", format=tar_format) as tar:
+        for ext, body in (("png", png), ("cls", b"7"), ("pyd", b"never read")):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    (sample,) = read_shard(str(shard))
+    assert sample["__key__"] == key
+    assert (sample["png"], sample["cls"]) == (png, b"7") and "pyd" not in sample
 
 
 @pytest.mark.parametrize("where", ["mid_member", "member_boundary"])

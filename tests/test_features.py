@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import data, features
+from pipeline import classifier, data, features, inception
 from pipeline.cli import UserError
 from pipeline.config import Config, EvalConfig
 from pipeline.files import sha256_file
@@ -27,20 +27,21 @@ def test_featurize_classifier_reaches_98_percent_on_mnist5k_val(featurized_repo)
     assert spec["val_accuracy"] >= 0.98 and report["val_accuracy"] == spec["val_accuracy"]
     assert spec["val_samples"] == 500 and spec["num_classes"] == 10
     # Re-measure from disk: the saved weights (weights_only loading, hash checked) are that good.
-    model, digest = features.load_classifier(featurized_repo / "models/classifier")
+    model, digest = classifier.load_classifier(featurized_repo / "models/classifier")
     assert digest == spec["sha256"]
     val = data.iter_split(data.shard_urls("val", str(featurized_repo / "data/shards")),
                           batch_size=250, with_labels=True)
-    accuracy, seen = features.accuracy(model, val)
+    accuracy, seen = classifier.accuracy(model, val)
     assert seen == 500 and accuracy == pytest.approx(spec["val_accuracy"], abs=1e-6)
     assert model(torch.zeros(3, 1, 32, 32)).shape == (3, spec["feature_dim"])
 
 
 def test_classifier_builds_for_every_supported_shape():
     for size, channels in ((16, 1), (64, 3), (128, 3)):
-        model = features.DomainClassifier(features.ClassifierSpec(size, channels, num_classes=5))
+        spec = classifier.ClassifierSpec(size, channels, num_classes=5)
+        model = classifier.DomainClassifier(spec)
         images = torch.zeros(2, channels, size, size)
-        assert model(images).shape == (2, features.CLASSIFIER_FEATURE_DIM)
+        assert model(images).shape == (2, classifier.CLASSIFIER_FEATURE_DIM)
         assert model.logits(images).shape == (2, 5)
 
 
@@ -50,7 +51,7 @@ def test_featurize_skips_unlabelled_data_and_says_why(tmp_path, monkeypatch):
     Path("data/stats.json").write_text(json.dumps({"labelled": False, "num_classes": None}))
     Path("models/classifier").mkdir(parents=True)
     Path("models/classifier/weights.pt").write_bytes(b"stale")
-    record = features.featurize(Config())
+    record = classifier.featurize(Config())
     spec = json.loads(Path("models/classifier/spec.json").read_text())
     assert spec == record and spec["skipped"] is True and "no labels" in spec["reason"]
     assert not Path("models/classifier/weights.pt").exists()
@@ -60,7 +61,7 @@ def test_featurize_skips_unlabelled_data_and_says_why(tmp_path, monkeypatch):
 def test_random_shift_moves_pixels_within_bounds():
     image = torch.full((1, 1, 8, 8), -1.0)
     image[0, 0, 4, 4] = 1.0
-    moved = features.random_shift(image.repeat(50, 1, 1, 1), 2, torch.Generator().manual_seed(0))
+    moved = classifier.random_shift(image.repeat(50, 1, 1, 1), 2, torch.Generator().manual_seed(0))
     rows, cols = (moved[:, 0] == 1.0).nonzero()[:, 1:].T
     assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # really random
@@ -76,16 +77,16 @@ def stand_in_weights(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     # laid out as $TORCH_HOME/hub/checkpoints/<name>, where torch.hub keeps downloads
     torch_home = tmp_path_factory.mktemp("torch_home")
-    path = torch_home / "hub/checkpoints" / features.INCEPTION_FILENAMES[0]
+    path = torch_home / "hub/checkpoints" / inception.INCEPTION_FILENAMES[0]
     path.parent.mkdir(parents=True)
-    torch.save(features.FIDInceptionV3().state_dict(), path)
+    torch.save(inception.FIDInceptionV3().state_dict(), path)
     return path
 
 
 def test_inception_stand_in_loads_and_gives_2048_features(stand_in_weights):
     state = torch.load(stand_in_weights, weights_only=True)
     assert len(state) == 566  # as the published file
-    model, _ = features.load_inception(
+    model, _ = inception.load_inception(
         stand_in_weights, expected_sha256=sha256_file(stand_in_weights)
     )
     key = "Mixed_7c.branch_pool.conv.weight"
@@ -101,7 +102,7 @@ def test_inception_stand_in_loads_and_gives_2048_features(stand_in_weights):
 
 def test_inception_with_the_wrong_hash_is_one_clear_error(stand_in_weights):
     with pytest.raises(UserError, match=r"SHA-256 .* is not that of the FID Inception weights"):
-        features.load_inception(stand_in_weights)  # default: the published file's hash
+        inception.load_inception(stand_in_weights)  # default: the published file's hash
 
 
 def test_missing_inception_file_names_the_file_and_where(tmp_path, monkeypatch):

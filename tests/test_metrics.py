@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline import data, features, metrics
+from pipeline import classifier, data, features, metrics
 
 torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
 
@@ -89,7 +89,7 @@ def test_classifier_score_rewards_confident_diverse_predictions():
 @pytest.fixture(scope="module")
 def classifier_and_reals(featurized_repo):
     torch.set_num_threads(1)
-    model, _ = features.load_classifier(featurized_repo / "models" / "classifier")
+    model, _ = classifier.load_classifier(featurized_repo / "models" / "classifier")
     shards = str(featurized_repo / "data" / "shards")
     train = next(data.iter_split(data.shard_urls("train", shards), batch_size=500))[0]
     val, labels = next(data.iter_split(data.shard_urls("val", shards), batch_size=500,
