@@ -140,6 +140,8 @@ def _tar_members(data: bytes, url: str) -> Iterator[dict]:
         name = extended.get("path", name)
         size = (int(extended["size"]) if "size" in extended
                 else int(_header_field(header, 124, 12).strip() or b"0", 8))
+        if kind in _NO_DATA:
+            size = 0  # as tarfile: a link's or directory's size field holds no data blocks
         offset += _BLOCK_BYTES
         if offset + size > len(data):
             raise ValueError(f"member {name!r} runs past the end of the file")

@@ -187,11 +187,14 @@ def test_corrupt_member_header_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_long_member_names_read_as_tarfile_reads_them(tmp_path, tar_format):
-    """GNU and pax long-name headers (shards from other tools) name the next member."""
+    """GNU and pax long-name headers and folder entries (shards from other tools)."""
     shard = tmp_path / "train-000000.tar"
     png = encode_png(Image.fromarray(np.zeros((SIDE_PX, SIDE_PX), np.uint8)))
     key = "d" * 120 + "/" + "é" * 120  # no ustar prefix split fits: an extension header
     with tarfile.open(shard, "w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("d" * 120)
+        folder.type = tarfile.DIRTYPE  # a member without data, as GNU tar writes for folders
+        tar.addfile(folder)
         for ext, body in (("png", png), ("cls", b"7"), ("pyd", b"never read")):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(body)
