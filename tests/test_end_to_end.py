@@ -1,6 +1,6 @@
 """The whole DAG with real DVC on a fresh git repo (a copy of this one, tiny params):
-`dvc repro` makes every output, a second one does nothing, `dvc exp run -S train.epochs=2`
-reruns train and what follows only and records a comparable experiment, and
+`dvc repro` makes every output, a second one does nothing, `dvc exp run -S train.epochs=2
+-S train.lr_g=0.0001` reruns train and what follows only and records a comparable experiment, and
 `dvc metrics show` / `dvc plots show` read what the stages wrote."""
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
     assert json.loads((repo / "reports/registry.json").read_text())["version"]
     assert "Data and pipelines are up to date." in _dvc(repo, "repro")
 
-    # An experiment with a changed train param reruns train and what follows, nothing else.
+    # An experiment that changes train.epochs (and lr_g) reruns train and what follows only.
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "first run")
-    experiment = _dvc(repo, "exp", "run", "-S", "train.epochs=2")
+    experiment = _dvc(repo, "exp", "run", "-S", "train.epochs=2", "-S", "train.lr_g=0.0001")
     assert _ran(experiment) == {"train", "evaluate", "register"}
     assert "Stage 'prepare' didn't change, skipping" in experiment
     assert json.loads((repo / "reports/train_run.json").read_text())["epochs"] == 2
@@ -98,7 +98,8 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
                    for rev in group["revs"]]
     assert len(experiments) == 1
     data = experiments[0]["data"]
-    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
+    train_params = data["params"]["params.yaml"]["data"]["train"]
+    assert (train_params["epochs"], train_params["lr_g"]) == (2, 0.0001)
     # The experiment commit holds its metrics (they are not git-ignored), so runs compare.
     assert data["metrics"]["reports/metrics.json"]["data"]["fid_classifier"] >= 0
     assert experiments[0]["name"] in _dvc(repo, "exp", "show", "--csv")
