@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "product": lambda: product_images_per_s(cfg, args.steps,
                                                     memory_source(pool, args.steps)),
             "product_shards": lambda: product_images_per_s(
-                cfg, args.steps, shard_source(cfg, urls, args.steps)),
+                cfg, args.steps, shard_source(cfg, urls, args.steps, pin_memory=True)),
             "loader": lambda: loader_images_per_s(cfg, urls, args.steps),
             # Variants that locate the product's per-step cost on the GPU.
             "product_no_ddp": lambda: product_images_per_s(

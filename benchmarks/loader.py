@@ -8,6 +8,8 @@ repeat by repeat:
   png_files  the same images written as individual .png files, read by a per-file
              `torch.utils.data.Dataset` with PIL through `DataLoader(shuffle=True)`
 and against what training consumes (the plain loop's images/s at one thread, interleaved).
+With loader processes, also `--epochs` short epochs in a row through one `data.EpochLoader`
+(processes kept across epochs, as training runs) vs a fresh loader per epoch.
 Goal: the shard loader on ONE core (loader_workers=0, one torch thread) >= 5x training.
 
     python -m benchmarks.loader [--quick] [--batches 100] [--repeats 3]
@@ -81,6 +83,22 @@ def shard_images_per_s(urls: list[str], batch_size: int, batches: int, workers: 
     return seen / (time.perf_counter() - started)
 
 
+def epochs_images_per_s(urls: list[str], batch_size: int, batches: int, epochs: int,
+                        workers: int, persistent: bool) -> float:
+    """`epochs` consecutive short epochs, as training asks for them: through one
+    `EpochLoader` (loader processes kept) or a fresh loader per epoch (`train_batches`)."""
+    options = {"batch_size": batch_size, "rank": 0, "world_size": 1, "num_batches": batches,
+               "seed": 0, "loader_workers": workers}
+    loader = data.EpochLoader(urls, **options)
+    started = time.perf_counter()
+    seen = 0
+    for epoch in range(epochs):
+        epoch_batches = (loader(epoch) if persistent
+                         else data.train_batches(urls, epoch=epoch, **options))
+        seen += sum(images.shape[0] for images, _ in epoch_batches)
+    return seen / (time.perf_counter() - started)
+
+
 def png_images_per_s(files: list[Path], batch_size: int, batches: int, workers: int) -> float:
     started = time.perf_counter()
     loader = DataLoader(PngFiles(files), batch_size=batch_size, shuffle=True,
@@ -123,6 +141,18 @@ def bench_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict[str
             **{name: summarise(values) for name, values in rates.items()},
             "ratio_shards_vs_png_files": paired_ratio(rates["shards"], rates["png_files"]),
         }
+        if workers > 0:  # short epochs: what keeping the loader processes saves per epoch
+            kept = {
+                name: lambda w=workers, p=persistent: epochs_images_per_s(
+                    urls, batch_size, args.epoch_batches, args.epochs, w, p)
+                for name, persistent in (("kept", True), ("fresh", False))
+            }
+            epoch_rates = interleaved(kept, args.repeats)
+            row[f"workers={workers}"]["short_epochs"] = {
+                "epochs": args.epochs, "batches_per_epoch": args.epoch_batches,
+                **{name: summarise(values) for name, values in epoch_rates.items()},
+                "ratio_kept_vs_fresh": paired_ratio(epoch_rates["kept"], epoch_rates["fresh"]),
+            }
         if workers == 0:
             row["training_images_per_s_1_thread"] = summarise(rates["training"])["median"]
             row["ratio_loader_1_core_vs_training"] = paired_ratio(
@@ -144,6 +174,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print_row(f"png files images/s, num_workers={workers}",
                           cell["png_files"]["median"])
                 print_row("shards / png files", cell["ratio_shards_vs_png_files"])
+                if "short_epochs" in cell:
+                    short = cell["short_epochs"]
+                    print_row(f"{args.epochs} epochs x {args.epoch_batches} batches: kept "
+                              "loader processes / fresh per epoch", short["ratio_kept_vs_fresh"])
             if "ratio_loader_1_core_vs_training" in row:
                 print_row("training consumes (plain loop, 1 thread) images/s",
                           row["training_images_per_s_1_thread"])
@@ -160,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--repeats", type=int, default=3)
     cli.add_argument("--steps", type=int, default=30, help="training steps for its images/s")
     cli.add_argument("--workers", nargs="+", type=int, default=[0, 1])
+    cli.add_argument("--epochs", type=int, default=5, help="short epochs in a row")
+    cli.add_argument("--epoch-batches", type=int, default=35, help="batches per short epoch")
     cli.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     return cli
 
@@ -167,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
 def quick(args: argparse.Namespace) -> argparse.Namespace:
     if args.quick:
         args.images, args.batches, args.repeats, args.steps = 600, 10, 2, 5
+        args.epochs, args.epoch_batches = 3, 5
     return args
 
 

@@ -129,14 +129,13 @@ def memory_source(pool: list[torch.Tensor], steps: int) -> training.BatchSource:
     return source
 
 
-def shard_source(cfg: Config, urls: list[str], steps: int) -> training.BatchSource:
-    def source(epoch: int, skip: int):
-        return data.train_batches(
-            urls, batch_size=cfg.train.batch_size, rank=0, world_size=1, num_batches=steps,
-            seed=cfg.train.seed, epoch=epoch, skip_batches=skip,
-            loader_workers=cfg.train.loader_workers,
-        )
-    return source
+def shard_source(cfg: Config, urls: list[str], steps: int,
+                 pin_memory: bool = False) -> training.BatchSource:
+    """The product's batch source, as `ray_train` builds it for one worker."""
+    return data.EpochLoader(
+        urls, batch_size=cfg.train.batch_size, rank=0, world_size=1, num_batches=steps,
+        seed=cfg.train.seed, loader_workers=cfg.train.loader_workers, pin_memory=pin_memory,
+    )
 
 
 def shards_for(shape: str, workdir: Path, images: int) -> list[str]:

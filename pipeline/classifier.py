@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +213,10 @@ def featurize(cfg: Config) -> dict[str, Any]:
     spec = ClassifierSpec(stats["image_size"], stats["channels"], num_classes)
     started = time.monotonic()
 
-    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        return data.train_batches(
-            train_urls, batch_size=fcfg.batch_size, rank=0, world_size=1, num_batches=steps,
-            seed=fcfg.seed, epoch=epoch, with_labels=True,
-        )
-
+    epoch_batches = data.EpochLoader(
+        train_urls, batch_size=fcfg.batch_size, rank=0, world_size=1, num_batches=steps,
+        seed=fcfg.seed, with_labels=True,
+    )
     model = fit_classifier(spec, epoch_batches, steps, fcfg)
     val_accuracy, val_samples = accuracy(
         model, data.iter_split(val_urls, batch_size=256, with_labels=True)

@@ -1,11 +1,12 @@
 """Reading shards back: resampled, deterministic training batches and a plain in-order pass.
 
-Training (`train_batches`) gives every rank exactly `num_batches` batches per epoch whatever the
-number and sizes of the shards: each (rank, loader worker) draws an endless, seeded stream of
-shards (every shard once per cycle, in a fresh order each cycle) through a shuffle buffer, and
-the epoch is cut at `num_batches` (the WebDataset "resampled + with_epoch" pattern). Streams are
-seeded by (seed, epoch, rank, worker) only, so a resumed run that skips `skip_batches` sees the
-same remaining batches as an uninterrupted run (with the same `loader_workers`).
+Training (`EpochLoader`; `train_batches` for a single epoch) gives every rank exactly
+`num_batches` batches per epoch whatever the number and sizes of the shards: each (rank, loader
+worker) draws an endless, seeded stream of shards (every shard once per cycle, in a fresh order
+each cycle) through a shuffle buffer, and the epoch is cut at `num_batches` (the WebDataset
+"resampled + with_epoch" pattern). Streams are seeded by (seed, epoch, rank, worker) only, so a
+resumed run that skips `skip_batches` sees the same remaining batches as an uninterrupted run
+(with the same `loader_workers`).
 
 Only `png` and `cls` members are ever read (`json` is for people). Other members - `.pyd`,
 `.pkl`, `.pth`, which WebDataset's default decoders unpickle - are never even extracted.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,19 +230,23 @@ class _ResampledBatches(IterableDataset):
     Global batch i (0-based, within the epoch) belongs to logical worker i % num_slots and is
     that worker's (i // num_slots)-th batch. DataLoader asks its workers round-robin starting at
     worker 0, so worker slot w plays logical worker (w + skip_batches) % num_slots: the batches
-    then arrive in global order from `skip_batches` on.
+    then arrive in global order from `skip_batches` on. Each iteration is the next epoch:
+    `first_epoch` (skipping `first_skip` batches), then first_epoch + 1, ... - every copy of
+    the dataset (one per loader process, which lives across epochs) counts for itself.
     """
 
     def __init__(self, urls: list[str], *, batch_size: int, rank: int, num_batches: int,
-                 seed: int, epoch: int, skip_batches: int, num_slots: int, with_labels: bool):
+                 seed: int, first_epoch: int, first_skip: int, num_slots: int,
+                 with_labels: bool):
         super().__init__()
         self.urls = list(urls)
         self.batch_size = batch_size
         self.rank = rank
         self.num_batches = num_batches
         self.seed = seed
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+        self.first_epoch = first_epoch
+        self.first_skip = first_skip
+        self.epochs_started = 0
         self.num_slots = num_slots
         self.with_labels = with_labels
 
@@ -265,21 +270,23 @@ class _ResampledBatches(IterableDataset):
             yield buffer[pick]
             buffer[pick] = incoming
 
-    def _logical_worker(self) -> int:
-        info = get_worker_info()
-        slot = info.id if info is not None else 0
-        return (slot + self.skip_batches) % self.num_slots
-
     def __iter__(self) -> Iterator[Batch | _Failure]:
-        worker = self._logical_worker()
+        epoch = self.first_epoch + self.epochs_started
+        skip_batches = self.first_skip if self.epochs_started == 0 else 0
+        self.epochs_started += 1
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + skip_batches) % self.num_slots
+        return self._batches(epoch, skip_batches, worker)
+
+    def _batches(self, epoch: int, skip_batches: int, worker: int) -> Iterator[Batch | _Failure]:
         # A string seed is hashed with SHA-512 by `random`: stable across runs and processes.
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.num_slots}")
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/{self.num_slots}")
         mine = range(worker, self.num_batches, self.num_slots)
         try:
             stream = self._shuffled(rng)
             for batch_index in mine:
                 raw = [next(stream) for _ in range(self.batch_size)]
-                if batch_index < self.skip_batches:
+                if batch_index < skip_batches:
                     continue  # drawn (to keep the stream in step) but not decoded
                 decoded = [decode_sample(s, url, self.with_labels) for url, s in raw]
                 yield _collate(decoded, self.with_labels)
@@ -287,36 +294,74 @@ class _ResampledBatches(IterableDataset):
             yield _Failure(str(err))
 
 
-def train_batches(
-    urls: list[str], *, batch_size: int, rank: int, world_size: int, num_batches: int,
-    seed: int, epoch: int, skip_batches: int = 0, loader_workers: int = 0,
-    with_labels: bool = False,
-) -> Iterator[Batch]:
-    """Exactly `num_batches - skip_batches` shuffled batches for `rank` in `epoch`.
+class EpochLoader:
+    """One rank's training batches, epoch by epoch: `loader(epoch, skip_batches=0)` yields
+    exactly `num_batches - skip_batches` shuffled batches of that epoch.
 
     Images are float32 (B, C, H, W) in [-1, 1]; labels int64 (B,) or None. Deterministic for
-    (seed, rank, epoch, loader_workers); batches differ between ranks and epochs.
+    (seed, rank, epoch, loader_workers); batches differ between ranks and epochs. Asked for
+    consecutive epochs, as training does, the `loader_workers` processes start once and serve
+    them all; any other epoch starts fresh ones. `pin_memory` pins batches for an
+    asynchronous copy to a GPU.
     """
-    check_plan(urls, world_size, loader_workers)
-    if not 0 <= rank < world_size:
-        raise UserError(f"rank {rank} is outside world size {world_size}")
-    if not 0 <= skip_batches <= num_batches:
-        raise UserError(f"skip_batches {skip_batches} is outside 0..{num_batches}")
-    dataset = _ResampledBatches(
-        urls, batch_size=batch_size, rank=rank, num_batches=num_batches, seed=seed, epoch=epoch,
-        skip_batches=skip_batches, num_slots=max(loader_workers, 1), with_labels=with_labels,
-    )
-    batches: Iterator = iter(dataset)
-    if loader_workers > 0:
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=loader_workers))
+
+    def __init__(
+        self, urls: list[str], *, batch_size: int, rank: int, world_size: int,
+        num_batches: int, seed: int, loader_workers: int = 0, with_labels: bool = False,
+        pin_memory: bool = False, persistent: bool = True,
+    ) -> None:
+        check_plan(urls, world_size, loader_workers)
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is outside world size {world_size}")
+        self.num_batches = num_batches
+        self._dataset_args = {
+            "urls": urls, "batch_size": batch_size, "rank": rank, "num_batches": num_batches,
+            "seed": seed, "num_slots": max(loader_workers, 1), "with_labels": with_labels,
+        }
+        self._loader_args = {
+            "batch_size": None, "num_workers": loader_workers, "pin_memory": pin_memory,
+            "persistent_workers": persistent and loader_workers > 0,
+        }
+        self._batches: Iterable | None = None  # what yields the next epoch, when one is running
+        self._next_epoch: int | None = None
+
+    def __call__(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        if not 0 <= skip_batches <= self.num_batches:
+            raise UserError(f"skip_batches {skip_batches} is outside 0..{self.num_batches}")
+        if self._batches is None or (epoch, skip_batches) != (self._next_epoch, 0):
+            dataset = _ResampledBatches(
+                **self._dataset_args, first_epoch=epoch, first_skip=skip_batches
+            )
+            workers = self._loader_args["num_workers"]
+            self._batches = DataLoader(dataset, **self._loader_args) if workers else dataset
+        self._next_epoch = epoch + 1
+        return _checked(iter(self._batches), self.num_batches - skip_batches)
+
+
+def _checked(batches: Iterator[Batch | _Failure], expected: int) -> Iterator[Batch]:
+    """Re-raise a loader worker's UserError as one line; refuse a short epoch."""
     produced = 0
     for item in batches:
         if isinstance(item, _Failure):
             raise UserError(item.message)
         produced += 1
         yield item
-    if produced != num_batches - skip_batches:  # a broken promise would hang DDP: say so
-        raise RuntimeError(f"loader gave {produced} batches, expected {num_batches - skip_batches}")
+    if produced != expected:  # a broken promise would hang DDP: say so
+        raise RuntimeError(f"loader gave {produced} batches, expected {expected}")
+
+
+def train_batches(
+    urls: list[str], *, batch_size: int, rank: int, world_size: int, num_batches: int,
+    seed: int, epoch: int, skip_batches: int = 0, loader_workers: int = 0,
+    with_labels: bool = False,
+) -> Iterator[Batch]:
+    """One epoch of `EpochLoader` (its loader processes end with it): exactly
+    `num_batches - skip_batches` shuffled batches for `rank` in `epoch`."""
+    loader = EpochLoader(
+        urls, batch_size=batch_size, rank=rank, world_size=world_size, num_batches=num_batches,
+        seed=seed, loader_workers=loader_workers, with_labels=with_labels, persistent=False,
+    )
+    yield from loader(epoch, skip_batches)
 
 
 def iter_split(

@@ -152,19 +152,16 @@ def _train_worker(plan: dict[str, Any]) -> dict[str, Any]:
     loop = TrainLoop(cfg, LoopEnv(rank, world_size, device, steps_per_epoch), hooks, state)
     urls: list[str] = plan["urls"]
 
-    def batches(epoch: int, skip_batches: int):
-        return data.train_batches(
-            urls,
-            batch_size=cfg.train.batch_size,
-            rank=rank,
-            world_size=world_size,
-            num_batches=steps_per_epoch,
-            seed=cfg.train.seed,
-            epoch=epoch,
-            skip_batches=skip_batches,
-            loader_workers=cfg.train.loader_workers,
-        )
-
+    batches = data.EpochLoader(
+        urls,
+        batch_size=cfg.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_batches=steps_per_epoch,
+        seed=cfg.train.seed,
+        loader_workers=cfg.train.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
     outcome = loop.run(batches).to_dict()
     outcome["worker_node_ids"] = _gather_node_ids(world_size, device)
     return outcome

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.cli import UserError
 from pipeline.data import (
+    EpochLoader,
     check_plan,
     iter_split,
     read_shard,
@@ -120,6 +121,32 @@ def test_deterministic_and_resumable_mid_epoch(tmp_path, loader_workers):
     if loader_workers == 0:
         other_epoch = batches(urls, num_batches=7, epoch=1)
         assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(full, other_epoch, strict=True))
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_epoch_loader_keeps_its_processes_and_gives_each_epochs_batches(tmp_path,
+                                                                        loader_workers):
+    """Training's order of calls: a resumed first epoch, then the next ones; then a jump back
+    (a new loader) and an abandoned epoch. Every epoch equals a fresh one-epoch loader's."""
+    urls, _, _ = make_shards(tmp_path, [6, 5, 9])
+    options = {"batch_size": 4, "rank": 0, "world_size": 1, "num_batches": 5, "seed": 0,
+               "with_labels": True, "loader_workers": loader_workers}
+    loader = EpochLoader(urls, **options)
+    worker_pids = []
+    for epoch, skip in ((2, 3), (3, 0), (4, 0), (1, 2)):
+        got = list(loader(epoch, skip))
+        expected = list(train_batches(urls, epoch=epoch, skip_batches=skip, **options))
+        assert len(got) == 5 - skip
+        for (a, la), (b, lb) in zip(got, expected, strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+        if loader_workers:
+            worker_pids.append({w.pid for w in loader._batches._iterator._workers})
+    if loader_workers:  # the same processes served epochs 2-4; going back to 1 started new ones
+        assert worker_pids[0] == worker_pids[1] == worker_pids[2] != worker_pids[3]
+    abandoned = loader(2)
+    next(abandoned)
+    (first, _), *_ = loader(3)
+    assert torch.equal(first, next(iter(train_batches(urls, epoch=3, **options)))[0])
 
 
 class _CreatesFile:
