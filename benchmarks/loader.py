@@ -85,17 +85,13 @@ def shard_images_per_s(urls: list[str], batch_size: int, batches: int, workers: 
 
 def epochs_images_per_s(urls: list[str], batch_size: int, batches: int, epochs: int,
                         workers: int, persistent: bool) -> float:
-    """`epochs` consecutive short epochs, as training asks for them: through one
-    `EpochLoader` (loader processes kept) or a fresh loader per epoch (`train_batches`)."""
-    options = {"batch_size": batch_size, "rank": 0, "world_size": 1, "num_batches": batches,
-               "seed": 0, "loader_workers": workers}
-    loader = data.EpochLoader(urls, **options)
+    """`epochs` consecutive short epochs through one `EpochLoader`, as training asks for them:
+    its loader processes kept across epochs (`persistent`) or started afresh each epoch."""
+    loader = data.EpochLoader(urls, batch_size=batch_size, rank=0, world_size=1,
+                              num_batches=batches, seed=0, loader_workers=workers,
+                              persistent=persistent)
     started = time.perf_counter()
-    seen = 0
-    for epoch in range(epochs):
-        epoch_batches = (loader(epoch) if persistent
-                         else data.train_batches(urls, epoch=epoch, **options))
-        seen += sum(images.shape[0] for images, _ in epoch_batches)
+    seen = sum(images.shape[0] for epoch in range(epochs) for images, _ in loader(epoch))
     return seen / (time.perf_counter() - started)
 
 

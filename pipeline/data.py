@@ -121,7 +121,7 @@ def _pax_records(block: bytes) -> dict[str, str]:
 def _tar_members(data: bytes, url: str) -> Iterator[dict]:
     """The png/cls members of a tar archive as webdataset's {"fname", "data", "__url__"}.
 
-    A header walk instead of `tarfile`, about 6x faster per sample (BENCHMARKS.md). It reads
+    A header walk instead of `tarfile`, 4-6x faster per sample (BENCHMARKS.md). It reads
     ustar, plus the pax and GNU long-name headers that webdataset's own TarWriter and GNU tar
     write; every header's checksum is verified and no member is read past the end of the data.
     """
@@ -301,8 +301,8 @@ class EpochLoader:
     Images are float32 (B, C, H, W) in [-1, 1]; labels int64 (B,) or None. Deterministic for
     (seed, rank, epoch, loader_workers); batches differ between ranks and epochs. Asked for
     consecutive epochs, as training does, the `loader_workers` processes start once and serve
-    them all; any other epoch starts fresh ones. `pin_memory` pins batches for an
-    asynchronous copy to a GPU.
+    them all; any other epoch, or `persistent=False`, starts fresh ones. `pin_memory` pins
+    batches for an asynchronous copy to a GPU.
     """
 
     def __init__(
@@ -322,13 +322,17 @@ class EpochLoader:
             "batch_size": None, "num_workers": loader_workers, "pin_memory": pin_memory,
             "persistent_workers": persistent and loader_workers > 0,
         }
+        # Only loader processes that live on (or none: the dataset counts in this process)
+        # carry their epoch count over to the next call.
+        self._counts_epochs = persistent or loader_workers == 0
         self._batches: Iterable | None = None  # what yields the next epoch, when one is running
         self._next_epoch: int | None = None
 
     def __call__(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         if not 0 <= skip_batches <= self.num_batches:
             raise UserError(f"skip_batches {skip_batches} is outside 0..{self.num_batches}")
-        if self._batches is None or (epoch, skip_batches) != (self._next_epoch, 0):
+        continues = self._counts_epochs and (epoch, skip_batches) == (self._next_epoch, 0)
+        if self._batches is None or not continues:
             dataset = _ResampledBatches(
                 **self._dataset_args, first_epoch=epoch, first_skip=skip_batches
             )

@@ -246,7 +246,6 @@ def _write_manifest(rows: list[dict], path: Path) -> None:
     table.to_parquet(path, index=False)
 
 
-
 # --- statistics ---------------------------------------------------------------------------------
 
 

@@ -123,15 +123,16 @@ def test_deterministic_and_resumable_mid_epoch(tmp_path, loader_workers):
         assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(full, other_epoch, strict=True))
 
 
-@pytest.mark.parametrize("loader_workers", [0, 2])
+@pytest.mark.parametrize(("loader_workers", "persistent"), [(0, True), (2, True), (2, False)])
 def test_epoch_loader_keeps_its_processes_and_gives_each_epochs_batches(tmp_path,
-                                                                        loader_workers):
+                                                                        loader_workers,
+                                                                        persistent):
     """Training's order of calls: a resumed first epoch, then the next ones; then a jump back
     (a new loader) and an abandoned epoch. Every epoch equals a fresh one-epoch loader's."""
     urls, _, _ = make_shards(tmp_path, [6, 5, 9])
     options = {"batch_size": 4, "rank": 0, "world_size": 1, "num_batches": 5, "seed": 0,
                "with_labels": True, "loader_workers": loader_workers}
-    loader = EpochLoader(urls, **options)
+    loader = EpochLoader(urls, **options, persistent=persistent)
     worker_pids = []
     for epoch, skip in ((2, 3), (3, 0), (4, 0), (1, 2)):
         got = list(loader(epoch, skip))
@@ -139,9 +140,9 @@ def test_epoch_loader_keeps_its_processes_and_gives_each_epochs_batches(tmp_path
         assert len(got) == 5 - skip
         for (a, la), (b, lb) in zip(got, expected, strict=True):
             assert torch.equal(a, b) and torch.equal(la, lb)
-        if loader_workers:
+        if loader_workers and persistent:
             worker_pids.append({w.pid for w in loader._batches._iterator._workers})
-    if loader_workers:  # the same processes served epochs 2-4; going back to 1 started new ones
+    if worker_pids:  # the same processes served epochs 2-4; going back to 1 started new ones
         assert worker_pids[0] == worker_pids[1] == worker_pids[2] != worker_pids[3]
     abandoned = loader(2)
     next(abandoned)
