@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, DataConfig, load_config
+from pipeline.core.config import Config, DataConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results.json"
@@ -166,11 +166,12 @@ def make_image_folder(folder: Path, count: int, side: int, channels: int, seed: 
 def make_shards(root: Path, source: str, image_size: int, channels: int,
                 num_processes: int = 1) -> dict[str, Any]:
     """Run the product's `prepare` on `source` into `root` (data/shards, stats); its stats."""
-    from pipeline.sharding import prepare_dataset
+    from pipeline.core.layout import Layout
+    from pipeline.data.shards import prepare_dataset
 
     cfg = DataConfig(source=source, image_size=image_size, channels=channels,
                      num_processes=num_processes)
-    return prepare_dataset(cfg, root)
+    return prepare_dataset(cfg, Layout(root)).to_dict()
 
 
 def save_results(section: str, results: dict[str, Any], path: Path = RESULTS_PATH) -> None:

@@ -4,7 +4,7 @@ All sides train the same global batch (2 x train.batch_size) for the same number
   plain_1x2     `PlainDCGAN`, one process, 2 torch threads (the reference)
   gloo_2x1      the plain loop in 2 gloo processes, DDP + the product's CPU SyncBatchNorm:
                 what DDP itself costs, without Ray
-  ray_2x1       the product: `ray_train.train` with train.num_workers=2, cpus_per_worker=1
+  ray_2x1       the product: `pipeline.train.stage.train`, num_workers=2, cpus_per_worker=1
   ray_1x2       the product: num_workers=1, cpus_per_worker=2
 Product runs are real stage runs (Ray Train, DDP, shards from `prepare`, MLflow on SQLite,
 checkpoints, grids); their images/s is the steady state from the train log (every log window
@@ -37,8 +37,11 @@ from benchmarks.common import (
     summarise,
 )
 from benchmarks.plain_loop import PlainDCGAN, random_batches
-from pipeline import ray_train
-from pipeline.distributed import convert_sync_batchnorm, run_gloo_ranks
+from devtools.gloo import run_gloo_ranks
+from pipeline.core.layout import Layout
+from pipeline.train import ray_runner
+from pipeline.train import stage as train_stage
+from pipeline.train.sync_bn import convert_sync_batchnorm
 
 GOAL = 0.9
 WORLD = 2
@@ -92,7 +95,7 @@ def ray_run(args: argparse.Namespace, num_workers: int, root: Path) -> dict[str,
     """One real train-stage run; steady images/s, its steps' time and its fixed overhead."""
     cfg = bench_config(32, 1, _overrides(args, num_workers, root))
     started = time.perf_counter()
-    record = ray_train.train(cfg, root)
+    record = train_stage.train(cfg, Layout(root)).to_dict()
     wall_s = time.perf_counter() - started
     with (root / "reports" / "train_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folder = make_image_folder(Path(workdir) / "images", args.images, 40, 1)
         make_shards(data_root, str(folder), 32, 1)
         started = time.perf_counter()
-        ray_train.connect_ray()
+        ray_runner.connect_ray()
         ray_start_s = time.perf_counter() - started
         rates: dict[str, list[float]] = {k: [] for k in ("plain_1x2", "gloo_2x1", "ray_2x1",
                                                           "ray_1x2")}

@@ -31,9 +31,12 @@ import torch.distributed as dist
 from benchmarks.common import bench_config, make_image_folder, make_shards, summarise
 from benchmarks.plain_loop import PlainDCGAN, random_batches
 from benchmarks.train_step import LocalHooks, fixed_costs_s, memory_source, shard_source
-from pipeline import data, training
-from pipeline.config import Config
-from pipeline.distributed import convert_sync_batchnorm, free_port
+from devtools.gloo import free_port
+from pipeline.core.config import Config
+from pipeline.data import loader as data
+from pipeline.data.reader import shard_urls
+from pipeline.train import loop as training
+from pipeline.train.sync_bn import convert_sync_batchnorm
 
 DEVICE = torch.device("cuda", 0)
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folder = make_image_folder(Path(workdir) / "images", args.images, 72, 3)
         make_shards(Path(workdir), str(folder), 64, 3, num_processes=min(8, os.cpu_count() or 1))
         results["prepare_s"] = round(time.perf_counter() - started, 1)
-        urls = data.shard_urls("train", str(Path(workdir) / "data" / "shards"))
+        urls = shard_urls("train", str(Path(workdir) / "data" / "shards"))
         pool = [b.to(DEVICE) for b in random_batches(8, args.batch_size, 64, 3)]
         warmup = 20
         plain_images_per_s(cfg, warmup, pool)

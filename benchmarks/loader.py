@@ -41,7 +41,8 @@ from benchmarks.common import (
     summarise,
 )
 from benchmarks.plain_loop import PlainDCGAN, random_batches
-from pipeline import data
+from pipeline.data import loader as data
+from pipeline.data.reader import read_shard, shard_urls
 
 GOAL_VS_TRAINING = 5.0
 
@@ -68,7 +69,7 @@ def extract_pngs(urls: list[str], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for url in urls:
-        for sample in data.read_shard(url):
+        for sample in read_shard(url):
             path = folder / f"{sample['__key__'].replace('/', '_')}.png"
             path.write_bytes(sample["png"])
             files.append(path)
@@ -121,7 +122,7 @@ def bench_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict[str
     root = workdir / shape
     folder = make_image_folder(root / "source", args.images, image_size + 8, channels)
     make_shards(root, str(folder), image_size, channels)
-    urls = data.shard_urls("train", str(root / "data" / "shards"))
+    urls = shard_urls("train", str(root / "data" / "shards"))
     files = extract_pngs(urls, root / "png_files")
     batches = min(args.batches, len(files) // batch_size)
     row: dict[str, Any] = {"images": len(files), "batch_size": batch_size, "batches": batches}

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Config
-from pipeline.models import GeneratorSpec, build_discriminator, build_generator
+from pipeline.core.config import Config
+from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
 
 
 class PlainDCGAN:
@@ -79,8 +79,9 @@ class PlainDCGAN:
         """Train on every batch of `batches`; returns the summed losses (one sync, at the end)."""
         noise_rng = torch.Generator(device=self.device).manual_seed(seed)
         total = torch.zeros((), device=self.device)
-        for images in batches:
-            real = images.to(self.device, non_blocking=True)
+        for pixels in batches:
+            # uint8 over the bus, scaled on the device: what any loop fed by a loader does.
+            real = pixels.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
             noise = torch.randn(real.shape[0], nz, device=self.device, generator=noise_rng)
             total += self.step(real, noise)
         return float(total)
@@ -88,7 +89,8 @@ class PlainDCGAN:
 
 def random_batches(count: int, batch_size: int, image_size: int, channels: int,
                    seed: int = 0) -> list[torch.Tensor]:
-    """`count` distinct in-memory batches in [-1, 1] (cycle them for longer runs)."""
+    """`count` distinct in-memory uint8 batches, as loaders hand them out (cycle them for
+    longer runs)."""
     rng = torch.Generator().manual_seed(seed)
-    return [torch.rand(batch_size, channels, image_size, image_size, generator=rng) * 2 - 1
-            for _ in range(count)]
+    shape = (batch_size, channels, image_size, image_size)
+    return [torch.randint(0, 256, shape, generator=rng, dtype=torch.uint8) for _ in range(count)]

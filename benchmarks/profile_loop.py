@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import SHAPES, bench_config
 from benchmarks.plain_loop import PlainDCGAN, random_batches
 from benchmarks.train_step import LocalHooks, memory_source
-from pipeline import training
+from pipeline.train import loop as training
 
 
 def main() -> None:

@@ -38,11 +38,12 @@ SOURCE_SIDE_PX = 40
 _PREPARE = """
 import json, sys, time
 from pathlib import Path
-from pipeline.config import DataConfig
-from pipeline.sharding import prepare_dataset
+from pipeline.core.config import DataConfig
+from pipeline.core.layout import Layout
+from pipeline.data.shards import prepare_dataset
 cfg = DataConfig(source=sys.argv[1], image_size=32, channels=1, num_processes=int(sys.argv[3]))
 started = time.perf_counter()
-stats = prepare_dataset(cfg, Path(sys.argv[2]))
+stats = prepare_dataset(cfg, Layout(sys.argv[2])).to_dict()
 elapsed = time.perf_counter() - started
 print(json.dumps({"elapsed_s": elapsed, "images": stats["splits"]["train"]["samples"]
                   + stats["splits"]["val"]["samples"]}))

@@ -40,9 +40,12 @@ from benchmarks.common import (
     summarise,
 )
 from benchmarks.plain_loop import PlainDCGAN, random_batches
-from pipeline import checkpoints, data, training
-from pipeline.config import Config
-from pipeline.grids import save_grid
+from pipeline.core.config import Config
+from pipeline.data import loader as data
+from pipeline.data.grids import save_grid
+from pipeline.data.reader import shard_urls
+from pipeline.train import checkpoints
+from pipeline.train import loop as training
 
 CPU = torch.device("cpu")
 POOL_BATCHES = 8  # distinct in-memory batches, cycled
@@ -144,7 +147,7 @@ def shards_for(shape: str, workdir: Path, images: int) -> list[str]:
     root = workdir / shape
     folder = make_image_folder(root / "images", images, image_size + 8, channels)
     make_shards(root, str(folder), image_size, channels)
-    return data.shard_urls("train", str(root / "data" / "shards"))
+    return shard_urls("train", str(root / "data" / "shards"))
 
 
 def bench_shape(shape: str, precision: str, args: argparse.Namespace, urls: list[str]) -> dict:

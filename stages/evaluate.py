@@ -2,18 +2,18 @@
 
 Generates eval.num_samples images from models/generator.pt, measures them against the real
 train split with the extractor eval.feature_extractor picks (auto: Inception weights if present,
-else the domain classifier), writes reports/metrics.json, samples.png, interpolation.png and
-reals.png, and logs everything to the training's MLflow run (reports/train_run.json).
+else the domain classifier), writes reports/evaluation.json, reports/metrics/evaluate.json,
+samples.png, interpolation.png and reals.png, and logs everything to the training's MLflow run.
 Usage: python stages/evaluate.py [-S eval.num_samples=1000] [-S eval.feature_extractor=inception]
 """
 
-from pipeline.cli import parse_stage_config, run_stage
-from pipeline.evaluation import evaluate
+from pipeline.cli.stage import parse_stage_config, run_stage
+from pipeline.evaluate.evaluation import evaluate
 
 
 def main() -> None:
-    cfg = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: evaluate(cfg))
+    cfg, layout = parse_stage_config(__doc__.splitlines()[0])
+    run_stage(lambda: evaluate(cfg, layout))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,20 +12,30 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python tests/test_x.py`: devtools/ lies beside tests/
+    sys.path.insert(0, str(REPO_ROOT))
+
+from devtools.gloo import free_port  # noqa: E402
+from pipeline.core.records import DatasetStats  # noqa: E402
+
 # No network here: keep every client from phoning home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The integration tier: whatever needs Ray, an MLflow server, DVC or a trained classifier.
+SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "featurized_repo", "two_node_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a slow fixture `slow`, so `-m "not slow"` is the fast tier."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def wait_for_http(url: str, timeout_s: float = 120.0) -> None:
@@ -88,12 +97,33 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+def dataset_stats(**overrides) -> DatasetStats:
+    """A data/stats.json record of a small labelled 32x32x1 dataset, fields overridable."""
+    values = {
+        "source": "mnist5k", "source_kind": "mnist5k", "images_found": 100, "samples": 100,
+        "splits": {"train": {"samples": 90, "shards": 1, "classes": {}},
+                   "val": {"samples": 10, "shards": 1, "classes": {}}},
+        "shards": 2, "labelled": True, "num_classes": 10,
+        "class_names": [str(d) for d in range(10)], "image_size": 32, "channels": 1,
+        "skipped_total": 0, "skipped": {}, "ignored_files": {"count": 0, "paths": []},
+        "pixel_mean": [0.5], "pixel_std": [0.3], "shard_sha256": {}, "dataset_sha256": "d" * 64,
+    }
+    return DatasetStats(**{**values, **overrides})
+
+
 def copy_repo(target: Path) -> Path:
     """Copy the repository's source (no venv, data or outputs) to `target` for stage runs."""
-    ignore = shutil.ignore_patterns(
-        ".venv", "data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
-        ".ray_storage", ".cache", "__pycache__", ".pytest_cache", ".ruff_cache", ".whl",
-    )
+    top_level = {"data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
+                 ".ray_storage", ".cache", ".venv", ".whl"}
+    anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        # Only the repository's own data/models/reports: pipeline/data is source.
+        skipped = set(anywhere(folder, names))
+        if Path(folder).resolve() == REPO_ROOT:
+            skipped |= top_level & set(names)
+        return skipped
+
     shutil.copytree(REPO_ROOT, target, ignore=ignore, dirs_exist_ok=True)
     return target
 
@@ -131,16 +161,16 @@ def mnist_shards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def featurized_repo(mnist_shards, tmp_path_factory):
-    """A repo copy holding mnist_shards' data where `python stages/featurize.py` ran once (the
+    """A repo copy holding mnist_shards' data where `python stages/classifier.py` ran once (the
     trained domain classifier in models/classifier). Read-only for tests: copy what you change."""
     repo = copy_repo(tmp_path_factory.mktemp("featurized") / "repo")
     shutil.copytree(mnist_shards / "data", repo / "data")
     # One torch thread: on 2 shared cores, two threads per process stall each other.
     result = subprocess.run(
-        [sys.executable, "stages/featurize.py"],
+        [sys.executable, "stages/classifier.py"],
         cwd=repo, env={**stage_env(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
         text=True, timeout=600,
     )
     if result.returncode != 0:
-        pytest.fail(f"featurize on mnist5k failed:\n{result.stderr[-3000:]}")
+        pytest.fail(f"classifier stage on mnist5k failed:\n{result.stderr[-3000:]}")
     yield repo

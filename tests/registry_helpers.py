@@ -1,14 +1,13 @@
 """Stand-ins for what train and evaluate leave behind, for registry and compare tests.
 
 A tiny generator with random weights, its spec, a finished MLflow training run holding the
-params, reports/metrics.json with chosen metric values, and data/stats.json: exactly the files
+params, reports/evaluation.json with chosen scores, and data/stats.json: exactly the records
 the register stage reads, so these tests do not depend on training running.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -16,10 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import dataset_stats
 
-from pipeline.config import load_config, to_flat_dict
-from pipeline.models import Generator, GeneratorSpec
-from pipeline.tracking import end_run, start_run
+from pipeline.core.config import load_config, to_flat_dict
+from pipeline.core.layout import Layout
+from pipeline.core.records import Evaluation, GeneratorRecord, TrainRun
+from pipeline.core.tracking import end_run, start_run
+from pipeline.models.dcgan import Generator, GeneratorSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = GeneratorSpec(nz=8, ngf=4, image_size=16, channels=1)
@@ -58,38 +60,33 @@ def make_workspace(
     (root / "models").mkdir(exist_ok=True)
     weights = root / "models" / "generator.pt"
     torch.save(generator.state_dict(), weights)
+    layout = Layout(root)
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    spec_record = {"spec": SPEC.to_dict(), "steps": 10, "images_seen": 640, "sha256": sha}
-    (root / "models" / "generator.json").write_text(json.dumps(spec_record))
+    GeneratorRecord(spec=SPEC.to_dict(), steps=10, images_seen=640, sha256=sha).save(layout)
 
     run_id, experiment_id = start_run(
         tracking_uri, experiment, to_flat_dict(cfg), run_name=f"seed-{seed}"
     )
     end_run(tracking_uri, run_id)
-    (root / "reports").mkdir(exist_ok=True)
-    train_run = {
-        "mlflow_run_id": run_id,
-        "mlflow_experiment_id": experiment_id,
-        "tracking_uri": tracking_uri,
-        "ray_run_name": f"ray-seed-{seed}",
-        "steps": 10,
-        "images_seen": 640,
-        "world_size": 2,
-    }
-    (root / "reports" / "train_run.json").write_text(json.dumps(train_run))
-    metrics = {
+    TrainRun(
+        mlflow_run_id=run_id, mlflow_experiment_id=experiment_id, tracking_uri=tracking_uri,
+        ray_run_name=f"ray-seed-{seed}", ray_storage_path=str(root / ".ray_storage"),
+        final_checkpoint="", steps=10, epochs=1, steps_per_epoch=10, images_seen=640,
+        world_size=2, generator_sha256=sha, wall_s=1.0,
+    ).save(layout)
+    scores = {
         "fid_classifier": fid,
         "kid_classifier": fid / 100,
-        "fid_floor_classifier": 1.5,
+        "fid_classifier_floor": 1.5,
         "classifier_score": 9.0 - fid / 10,
         "classes_hit": 10,
-        "num_samples": num_samples,
-        "feature_extractor": "classifier",
-        "feature_extractor_sha256": extractor_sha,
     }
-    (root / "reports" / "metrics.json").write_text(json.dumps(metrics))
-    (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "stats.json").write_text(json.dumps({"dataset_sha256": DATASET_SHA}))
+    Evaluation(
+        feature_extractor="classifier", feature_extractor_sha256=extractor_sha,
+        num_samples=num_samples, num_real_samples=num_samples, floor_num_samples=num_samples,
+        kid_subset_size=50, generator_steps=10, scores=scores, mode_collapse=False,
+    ).save(layout)
+    dataset_stats(dataset_sha256=DATASET_SHA).save(layout)
     return {"run_id": run_id, "generator": generator, "overrides": overrides, "config": cfg}
 
 
@@ -122,15 +119,6 @@ def error_lines(stderr: str) -> list[str]:
 
 def register_in_process(root: Path, workspace: dict, tracking_uri: str):
     """What the register stage does, without a new interpreter (setup for other tests)."""
-    from pipeline.registry import register_generator
+    from pipeline.registry.register import register_generator
 
-    return register_generator(
-        workspace["config"],
-        tracking_uri,
-        weights_path=root / "models" / "generator.pt",
-        spec_path=root / "models" / "generator.json",
-        metrics_path=root / "reports" / "metrics.json",
-        train_run_path=root / "reports" / "train_run.json",
-        stats_path=root / "data" / "stats.json",
-        record_path=root / "reports" / "registry.json",
-    )
+    return register_generator(workspace["config"], Layout(root), tracking_uri)

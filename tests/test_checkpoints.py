@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoints
+from pipeline.train import checkpoints
 
 
 def _draws(noise: torch.Generator) -> tuple:

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, copy_repo, free_port, wait_for_http
+from conftest import VENV_BIN, copy_repo, wait_for_http
+
+from devtools.gloo import free_port
 
 RAY = str(VENV_BIN / "ray")
 STOP_GRACE_S = 15.0
@@ -166,12 +168,13 @@ def _tiny_shard(path: Path, count: int = 4) -> None:
 
 def test_shards_by_fsspec_url_are_listed_and_read(tmp_path):
     """`train.shards` as a URL (what a cluster uses for shared storage) reads like a path."""
-    from pipeline import data
+    from pipeline.data.loader import train_batches
+    from pipeline.data.reader import shard_urls
 
     _tiny_shard(tmp_path / "train-000000.tar")
-    urls = data.shard_urls("train", tmp_path.as_uri())
+    urls = shard_urls("train", tmp_path.as_uri())
     assert urls == [(tmp_path / "train-000000.tar").as_uri()]
-    batches = list(data.train_batches(urls, batch_size=2, rank=0, world_size=1, num_batches=3,
+    batches = list(train_batches(urls, batch_size=2, rank=0, world_size=1, num_batches=3,
                                       seed=0, epoch=0, with_labels=True))
     assert len(batches) == 3
     images, labels = batches[0]
@@ -226,11 +229,12 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlfl
 
     # The job's own models/ vanished with it; the run holds the generator at the same paths.
     restored = Path(client.download_artifacts(run.info.run_id, "models", str(tmp_path)))
-    from pipeline.evaluation import load_trained_generator
+    from pipeline.core.layout import Layout
+    from pipeline.evaluate.evaluation import load_trained_generator
 
-    _, spec = load_trained_generator(restored / "generator.pt", restored / "generator.json")
-    assert spec["sha256"] == record["generator_sha256"]
-    assert spec["steps"] == record["steps"]
+    _, spec = load_trained_generator(Layout(restored.parent))
+    assert spec.sha256 == record["generator_sha256"]
+    assert spec.steps == record["steps"]
 
     # The two workers ran on the two different nodes of the cluster.
     alive, _ = _alive_node_ids(dashboard, env)
@@ -241,6 +245,6 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlfl
     checkpoint = Path(record["final_checkpoint"])
     assert checkpoint.is_relative_to(storage)
     assert (checkpoint / "state.pt").is_file()
-    from pipeline import checkpoints
+    from pipeline.train import checkpoints
 
     assert checkpoints.load_state(checkpoint)["step"] == record["steps"] > 0

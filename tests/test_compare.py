@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from registry_helpers import make_workspace, register_in_process, run_cli
 
-from pipeline.cli import UserError
-from pipeline.compare import CAPTION_HEIGHT_PX, GAP_PX, compare_runs
-from pipeline.grids import make_grid
-from pipeline.registry import open_registry
-from pipeline.sampling import latent_noise
+from pipeline.core.errors import UserError
+from pipeline.data.grids import make_grid
+from pipeline.registry.compare import CAPTION_HEIGHT_PX, GAP_PX, compare_runs
+from pipeline.registry.register import open_registry
+from pipeline.registry.sampling import latent_noise
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,13 @@ from conftest import REPO_ROOT
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def _module_file(name: str) -> str | None:
-    """'pipeline.data' -> 'pipeline/data.py' when that file exists (a module, not a symbol)."""
-    path = name.replace(".", "/") + ".py"
-    return path if (REPO_ROOT / path).is_file() else None
+def _module_files(name: str) -> set[str]:
+    """'pipeline.data.reader' -> pipeline/data/reader.py plus the `__init__.py` of every
+    package on the way (Python runs them all); nothing for a name that is a symbol."""
+    parts = name.split(".")
+    files = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts) + 1)}
+    files.add("/".join(parts) + ".py")
+    return {path for path in files if (REPO_ROOT / path).is_file()}
 
 
 def _imported_files(path: Path) -> set[str]:
@@ -27,8 +30,7 @@ def _imported_files(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    files = {_module_file(name) for name in names if name.startswith("pipeline")}
-    return {file for file in files if file}
+    return {file for name in names if name.startswith("pipeline") for file in _module_files(name)}
 
 
 def _runs(stage_script: str) -> set[str]:
@@ -48,7 +50,7 @@ def test_every_module_a_stage_runs_is_a_dependency(stage):
     script = f"stages/{stage}.py"
     assert script in deps and STAGES[stage]["cmd"] == f"python {script}"
     runs = _runs(script)
-    assert {"pipeline/config.py", "pipeline/cli.py"} <= runs  # the walk itself works
+    assert {"pipeline/core/config.py", "pipeline/cli/stage.py"} <= runs  # the walk itself works
     missing = sorted(runs - deps)
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not list them in deps"
     stale = sorted(d for d in deps if d.startswith("pipeline/") and not (REPO_ROOT / d).is_file())

@@ -13,19 +13,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.cli import UserError
-from pipeline.data import (
-    EpochLoader,
-    check_plan,
-    iter_split,
-    read_shard,
-    read_stats,
-    shard_urls,
-    steps_per_epoch,
-    train_batches,
-)
-from pipeline.images import encode_png
-from pipeline.sharding import sample_key, write_shard
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.core.records import DatasetStats
+from pipeline.data.images import encode_png
+from pipeline.data.loader import EpochLoader, check_plan, iter_split, steps_per_epoch, train_batches
+from pipeline.data.pixels import to_signed
+from pipeline.data.reader import read_shard, shard_urls
+from pipeline.data.shards import sample_key, write_shard
 
 SIDE_PX = 8
 
@@ -53,10 +48,6 @@ def make_shards(folder: Path, sizes: list[int], *, channels: int = 1, seed: int 
     return urls, np.stack(pixels), np.asarray(labels)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
 def batches(urls, **kw) -> list:
     options = {"batch_size": 4, "rank": 0, "world_size": 1, "num_batches": 5, "seed": 0,
                "epoch": 0, "with_labels": True}
@@ -69,9 +60,8 @@ def test_images_round_trip_exactly(tmp_path, channels):
     got = list(iter_split(urls, batch_size=4, with_labels=True))
     assert [len(images) for images, _ in got] == [4, 4, 4, 2]
     images = torch.cat([b[0] for b in got])
-    assert images.dtype == torch.float32 and images.shape == (14, channels, SIDE_PX, SIDE_PX)
-    assert images.min() >= -1 and images.max() <= 1
-    np.testing.assert_array_equal(to_uint8(images), pixels)
+    assert images.dtype == torch.uint8 and images.shape == (14, channels, SIDE_PX, SIDE_PX)
+    np.testing.assert_array_equal(images.numpy(), pixels)
     np.testing.assert_array_equal(torch.cat([b[1] for b in got]).numpy(), labels)
     assert [len(b[0]) for b in iter_split(urls, batch_size=4, limit=6)] == [4, 2]
 
@@ -81,7 +71,7 @@ def test_training_batches_hold_source_pixels_and_labels(tmp_path):
     known = {pixels[i].tobytes(): labels[i] for i in range(len(labels))}
     for images, batch_labels in batches(urls, loader_workers=1):
         assert batch_labels.dtype == torch.int64
-        for image, label in zip(to_uint8(images), batch_labels.tolist(), strict=True):
+        for image, label in zip(images.numpy(), batch_labels.tolist(), strict=True):
             assert known[image.tobytes()] == label
 
 
@@ -258,20 +248,27 @@ def test_plan_checks_and_step_counts(tmp_path):
     with pytest.raises(UserError, match="no val shards in"):
         shard_urls("val", str(tmp_path))
     with pytest.raises(UserError, match="run `dvc repro prepare` first"):
-        read_stats(tmp_path / "stats.json")
+        DatasetStats.load(Layout(tmp_path))
 
 
-def test_reads_the_prepared_mnist5k(mnist_shards, monkeypatch):
-    monkeypatch.chdir(mnist_shards)  # the default paths are relative to the repo root
-    stats = read_stats()
-    train, val = shard_urls("train"), shard_urls("val")
+def test_uint8_batches_become_the_float_images_of_before_bit_for_bit():
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    before = pixels.float() / 127.5 - 1.0  # what the loader handed out before it sent uint8
+    assert torch.equal(to_signed(pixels), before)
+    assert to_signed(pixels).min() == -1 and to_signed(pixels).max() == 1
+
+
+def test_reads_the_prepared_mnist5k(mnist_shards):
+    layout = Layout(mnist_shards)
+    stats = DatasetStats.load(layout)
+    train, val = shard_urls("train", layout.shards()), shard_urls("val", layout.shards())
     assert [Path(u).name for u in train] == [f"train-{i:06d}.tar" for i in range(5)]
     labels = torch.cat([lab for _, lab in iter_split(val, batch_size=128, with_labels=True)])
     counts = np.bincount(labels.numpy(), minlength=10)
-    assert counts.tolist() == [stats["splits"]["val"]["classes"][str(d)] for d in range(10)]
-    steps = steps_per_epoch(stats["splits"]["train"]["samples"], 64, 2)
+    assert counts.tolist() == [stats.splits["val"]["classes"][str(d)] for d in range(10)]
+    steps = steps_per_epoch(stats.split_samples("train"), 64, 2)
     images, labels = next(train_batches(train, batch_size=64, rank=1, world_size=2,
                                         num_batches=steps, seed=0, epoch=0, with_labels=True))
-    side = stats["image_size"]
-    assert images.shape == (64, stats["channels"], side, side) and labels.shape == (64,)
-    assert images.min() == -1 and images.max() == 1  # MNIST: black background, white ink
+    side = stats.image_size
+    assert images.shape == (64, stats.channels, side, side) and labels.shape == (64,)
+    assert images.min() == 0 and images.max() == 255  # MNIST: black background, white ink

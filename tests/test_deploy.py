@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, VENV_BIN
 
-from pipeline.config import describe, load_config
+from pipeline.core.config import describe, load_config
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 MANIFEST = REPO_ROOT / "deploy" / "kuberay-rayjob.yaml"
@@ -117,7 +117,7 @@ def test_kuberay_job_trains_with_valid_overrides_on_shared_storage():
 
 
 def params_table() -> str:
-    """The README's params reference, rendered from pipeline/config.py and params.yaml."""
+    """The README's params reference, rendered from pipeline/core/config.py and params.yaml."""
     params = load_config(REPO_ROOT / "params.yaml", [])
     lines = ["| key | params.yaml | allowed | meaning |", "|---|---|---|---|"]
     for key, _, allowed, doc in describe():

@@ -22,7 +22,7 @@ TINY_PARAMS = {
     "model": {"nz": 16, "ngf": 8, "ndf": 8},
     "train": {"num_workers": 1, "batch_size": 256, "epochs": 1, "loader_workers": 0,
               "checkpoint_every_steps": 1000, "max_failures": 0},
-    "featurize": {"epochs": 1, "batch_size": 256, "min_val_accuracy": 0.0},
+    "classifier": {"epochs": 1, "batch_size": 256, "min_val_accuracy": 0.0},
     "eval": {"num_samples": 100, "batch_size": 100, "kid_subset_size": 50},
 }
 
@@ -49,9 +49,10 @@ def _fresh_repo(target: Path) -> Path:
     return repo
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    """Run `dvc ARGS` in `repo` as a user would; return its output, fail with it on error."""
-    env = {**stage_env(repo), "OMP_NUM_THREADS": "1"}
+def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
+    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide; return its
+    output, fail with it on error."""
+    env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns)}
     env.pop("RAY_ADDRESS", None)  # train starts its own local Ray, as on a laptop
     result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=900)
@@ -72,7 +73,7 @@ def _declared_outputs(repo: Path) -> list[str]:
 
 
 def _ran(output: str) -> set[str]:
-    return {stage for stage in ("prepare", "featurize", "train", "evaluate", "register")
+    return {stage for stage in ("prepare", "classifier", "train", "evaluate", "register")
             if f"Running stage '{stage}'" in output}
 
 
@@ -80,7 +81,7 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
     repo = _fresh_repo(tmp_path / "repo")
 
     first = _dvc(repo, "repro")
-    assert _ran(first) == {"prepare", "featurize", "train", "evaluate", "register"}
+    assert _ran(first) == {"prepare", "classifier", "train", "evaluate", "register"}
     missing = [path for path in _declared_outputs(repo) if not (repo / path).exists()]
     assert not missing, f"dvc repro did not produce {missing}"
     assert json.loads((repo / "reports/registry.json").read_text())["version"]
@@ -101,10 +102,19 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
     train_params = data["params"]["params.yaml"]["data"]["train"]
     assert (train_params["epochs"], train_params["lr_g"]) == (2, 0.0001)
     # The experiment commit holds its metrics (they are not git-ignored), so runs compare.
-    assert data["metrics"]["reports/metrics.json"]["data"]["fid_classifier"] >= 0
+    assert data["metrics"]["reports/metrics/evaluate.json"]["data"]["fid_classifier"] >= 0
     assert experiments[0]["name"] in _dvc(repo, "exp", "show", "--csv")
 
-    assert "fid_classifier" in _dvc(repo, "metrics", "show")
+    # What a person reads: metrics fit one screen, and two experiments compare in 160 columns.
+    metrics = _dvc(repo, "metrics", "show")
+    assert "fid_classifier" in metrics and "val_accuracy" in metrics
+    assert len(metrics.splitlines()) <= 40 and max(map(len, metrics.splitlines())) <= 160
+    assert not any(noise in metrics for noise in ("sha256", "run_id", "/tmp/", "classes."))
+    _dvc(repo, "exp", "run", "-S", "train.lr_d=0.0001")
+    shown = _dvc(repo, "exp", "show", "--only-changed", "--no-pager", columns=160)
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 160 and "…" not in shown, shown
+    assert "fid_classifier" in shown and "train.lr_d" in shown
     _dvc(repo, "plots", "show")
     html = (repo / "dvc_plots" / "index.html").read_text()
     assert "Training losses" in html

@@ -13,9 +13,11 @@ import torch
 from conftest import stage_env
 from PIL import Image
 
-from pipeline import tracking
-from pipeline.files import sha256_file
-from pipeline.models import GeneratorSpec, build_generator
+from pipeline.core import tracking
+from pipeline.core.files import sha256_file
+from pipeline.core.layout import Layout
+from pipeline.core.records import TrainRun
+from pipeline.models.dcgan import GeneratorSpec, build_generator
 
 torch.set_num_threads(1)
 
@@ -45,10 +47,12 @@ def eval_repo(featurized_repo, tmp_path_factory) -> tuple[Path, str, str]:
     }))
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     run_id, experiment_id = tracking.start_run(uri, "dcgan", {"model.nz": 16}, run_name="tiny")
-    (repo / "reports").mkdir(exist_ok=True)
-    (repo / "reports/train_run.json").write_text(json.dumps({
-        "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "tracking_uri": uri,
-    }))
+    TrainRun(
+        mlflow_run_id=run_id, mlflow_experiment_id=experiment_id, tracking_uri=uri,
+        ray_run_name="tiny", ray_storage_path="", final_checkpoint="", steps=0, epochs=1,
+        steps_per_epoch=1, images_seen=0, world_size=1,
+        generator_sha256=sha256_file(repo / "models/generator.pt"), wall_s=0.0,
+    ).save(Layout(repo))
     return repo, uri, run_id
 
 
@@ -56,12 +60,14 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
     repo, uri, run_id = eval_repo
     result = run_evaluate(repo, *EVAL_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    record = json.loads((repo / "reports/evaluation.json").read_text())
+    metrics = json.loads((repo / "reports/metrics/evaluate.json").read_text())
     classifier_spec = json.loads((repo / "models/classifier/spec.json").read_text())
 
-    assert metrics["extractor"] == "classifier"
-    assert metrics["extractor_sha256"] == classifier_spec["sha256"]
-    assert metrics["num_samples"] == metrics["floor_num_samples"] == 200
+    assert record["feature_extractor"] == "classifier"
+    assert record["feature_extractor_sha256"] == classifier_spec["sha256"]
+    assert record["num_samples"] == record["floor_num_samples"] == 200
+    assert metrics == {**record["scores"], "mode_collapse": record["mode_collapse"]}
     # an untrained generator is far from the data; two real splits are close
     assert 0 <= metrics["fid_classifier_floor"] < metrics["fid_classifier"]
     assert metrics["kid_classifier_floor"] < metrics["kid_classifier"]
@@ -80,9 +86,9 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
     logged = client.get_run(run_id).data
     assert logged.metrics["fid_classifier"] == pytest.approx(metrics["fid_classifier"])
     assert logged.metrics["fid_classifier_floor"] == pytest.approx(metrics["fid_classifier_floor"])
-    assert logged.tags["eval.extractor"] == "classifier"
+    assert logged.tags["eval.feature_extractor"] == "classifier"
     artifacts = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"samples.png", "interpolation.png", "reals.png", "metrics.json"} <= artifacts
+    assert {"samples.png", "interpolation.png", "reals.png", "evaluation.json"} <= artifacts
 
     # Real features are cached (plain .npy) and reused: same numbers, no re-extraction.
     cached = sorted(p.name for p in (repo / ".cache/features").iterdir())
@@ -90,13 +96,13 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
     again = run_evaluate(repo, *EVAL_ARGS)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("from cache") == 2
-    assert json.loads((repo / "reports/metrics.json").read_text()) == metrics
+    assert json.loads((repo / "reports/evaluation.json").read_text()) == record
 
 
 def test_evaluate_without_any_extractor_still_reports_and_says_why(eval_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(eval_repo[0], repo)
-    # As featurize leaves an unlabelled source: no classifier, a spec saying why.
+    # As the classifier stage leaves an unlabelled source: no classifier, a record saying why.
     (repo / "models/classifier/weights.pt").unlink()
     (repo / "models/classifier/spec.json").write_text(
         json.dumps({"skipped": True, "reason": "the data source has no labels"}))
@@ -109,11 +115,10 @@ def test_evaluate_without_any_extractor_still_reports_and_says_why(eval_repo, tm
 
     result = run_evaluate(repo, *EVAL_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert metrics["extractor"] == "none"
-    assert "no Inception weights" in metrics["fid_skipped_reason"]
-    assert "no labels" in metrics["fid_skipped_reason"]
-    measured = ("fid_classifier", "kid_classifier", "fid_inception", "kid_inception")
-    assert not [key for key in metrics if key.startswith(measured)]
-    assert metrics["num_samples"] == 200
+    record = json.loads((repo / "reports/evaluation.json").read_text())
+    assert record["feature_extractor"] == "none"
+    assert "no Inception weights" in record["fid_skipped_reason"]
+    assert "no labels" in record["fid_skipped_reason"]
+    assert record["scores"] == {}
+    assert record["num_samples"] == 200
     assert (repo / "reports/samples.png").exists() and (repo / "reports/reals.png").exists()

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_stats
 
-from pipeline import classifier, data, features, inception
-from pipeline.cli import UserError
-from pipeline.config import Config, EvalConfig
-from pipeline.files import sha256_file
+from pipeline.core.config import Config, EvalConfig
+from pipeline.core.errors import UserError
+from pipeline.core.files import sha256_file
+from pipeline.core.layout import Layout
+from pipeline.core.records import ClassifierRecord
+from pipeline.data import loader
+from pipeline.data.reader import shard_urls
+from pipeline.evaluate import classifier, features
+from pipeline.models import inception
+from pipeline.models.classifier import CLASSIFIER_FEATURE_DIM, ClassifierSpec, DomainClassifier
 
 torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
 
@@ -20,17 +27,17 @@ torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscript
 # --- the domain classifier ----------------------------------------------------------------------
 
 
-def test_featurize_classifier_reaches_98_percent_on_mnist5k_val(featurized_repo):
+def test_classifier_stage_reaches_98_percent_on_mnist5k_val(featurized_repo):
     spec = json.loads((featurized_repo / "models/classifier/spec.json").read_text())
-    report = json.loads((featurized_repo / "reports/featurize.json").read_text())
+    report = json.loads((featurized_repo / "reports/metrics/classifier.json").read_text())
     assert spec["skipped"] is False
     assert spec["val_accuracy"] >= 0.98 and report["val_accuracy"] == spec["val_accuracy"]
     assert spec["val_samples"] == 500 and spec["num_classes"] == 10
     # Re-measure from disk: the saved weights (weights_only loading, hash checked) are that good.
-    model, digest = classifier.load_classifier(featurized_repo / "models/classifier")
+    model, digest = classifier.load_classifier(Layout(featurized_repo))
     assert digest == spec["sha256"]
-    val = data.iter_split(data.shard_urls("val", str(featurized_repo / "data/shards")),
-                          batch_size=250, with_labels=True)
+    val = loader.iter_split(shard_urls("val", str(featurized_repo / "data/shards")),
+                            batch_size=250, with_labels=True)
     accuracy, seen = classifier.accuracy(model, val)
     assert seen == 500 and accuracy == pytest.approx(spec["val_accuracy"], abs=1e-6)
     assert model(torch.zeros(3, 1, 32, 32)).shape == (3, spec["feature_dim"])
@@ -38,24 +45,23 @@ def test_featurize_classifier_reaches_98_percent_on_mnist5k_val(featurized_repo)
 
 def test_classifier_builds_for_every_supported_shape():
     for size, channels in ((16, 1), (64, 3), (128, 3)):
-        spec = classifier.ClassifierSpec(size, channels, num_classes=5)
-        model = classifier.DomainClassifier(spec)
+        spec = ClassifierSpec(size, channels, num_classes=5)
+        model = DomainClassifier(spec)
         images = torch.zeros(2, channels, size, size)
-        assert model(images).shape == (2, classifier.CLASSIFIER_FEATURE_DIM)
+        assert model(images).shape == (2, CLASSIFIER_FEATURE_DIM)
         assert model.logits(images).shape == (2, 5)
 
 
-def test_featurize_skips_unlabelled_data_and_says_why(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    Path("data").mkdir()
-    Path("data/stats.json").write_text(json.dumps({"labelled": False, "num_classes": None}))
-    Path("models/classifier").mkdir(parents=True)
-    Path("models/classifier/weights.pt").write_bytes(b"stale")
-    record = classifier.featurize(Config())
-    spec = json.loads(Path("models/classifier/spec.json").read_text())
-    assert spec == record and spec["skipped"] is True and "no labels" in spec["reason"]
-    assert not Path("models/classifier/weights.pt").exists()
-    assert json.loads(Path("reports/featurize.json").read_text())["skipped"] is True
+def test_classifier_stage_skips_unlabelled_data_and_says_why(tmp_path):
+    layout = Layout(tmp_path)
+    dataset_stats(labelled=False, num_classes=None).save(layout)
+    layout.classifier_dir.mkdir(parents=True)
+    layout.classifier_weights.write_bytes(b"stale")
+    record = classifier.train_classifier(Config(), layout)
+    assert ClassifierRecord.load(layout) == record
+    assert record.skipped is True and "no labels" in record.reason
+    assert not layout.classifier_weights.exists()
+    assert json.loads(layout.metrics("classifier").read_text())["skipped"] is True
 
 
 def test_random_shift_moves_pixels_within_bounds():
@@ -109,30 +115,31 @@ def test_missing_inception_file_names_the_file_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = EvalConfig(feature_extractor="inception")
     with pytest.raises(UserError) as err:
-        features.resolve_extractor_name(cfg)
+        features.resolve_extractor_name(cfg, Layout(tmp_path))
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path / "torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth") in message
     explicit = dataclasses.replace(cfg, inception_weights=str(tmp_path / "nowhere.pth"))
     with pytest.raises(UserError, match=r"nowhere\.pth"):
-        features.resolve_extractor_name(explicit)
+        features.resolve_extractor_name(explicit, Layout(tmp_path))
 
 
-def test_auto_prefers_inception_and_refuses_a_wrong_file(stand_in_weights, monkeypatch):
+def test_auto_prefers_inception_and_refuses_a_wrong_file(stand_in_weights, monkeypatch,
+                                                          tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(stand_in_weights.parents[2]))
-    assert features.resolve_extractor_name(EvalConfig())[0] == "inception"
+    layout = Layout(tmp_path)
+    assert features.resolve_extractor_name(EvalConfig(), layout)[0] == "inception"
     with pytest.raises(UserError, match="SHA-256"):
-        features.build_extractor("inception", EvalConfig())
+        features.build_extractor("inception", EvalConfig(), layout)
 
 
 def test_auto_falls_back_to_the_classifier_without_inception(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    classifier_dir = tmp_path / "classifier"
-    classifier_dir.mkdir()
-    (classifier_dir / "spec.json").write_text(json.dumps({"skipped": False}))
-    assert features.resolve_extractor_name(EvalConfig(), classifier_dir)[0] == "classifier"
-    (classifier_dir / "spec.json").write_text(json.dumps({"skipped": True, "reason": "no labels"}))
-    name, why = features.resolve_extractor_name(EvalConfig(), classifier_dir)
+    layout = Layout(tmp_path)
+    ClassifierRecord(skipped=False).save(layout)
+    assert features.resolve_extractor_name(EvalConfig(), layout)[0] == "classifier"
+    ClassifierRecord(skipped=True, reason="no labels").save(layout)
+    name, why = features.resolve_extractor_name(EvalConfig(), layout)
     assert name is None and "no labels" in why and "Inception" in why
     with pytest.raises(UserError, match="classifier"):
-        features.resolve_extractor_name(EvalConfig(feature_extractor="classifier"), classifier_dir)
+        features.resolve_extractor_name(EvalConfig(feature_extractor="classifier"), layout)

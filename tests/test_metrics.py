@@ -9,7 +9,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline import classifier, data, features, metrics
+from pipeline.core.layout import Layout
+from pipeline.data import loader
+from pipeline.data.pixels import to_signed
+from pipeline.data.reader import shard_urls
+from pipeline.evaluate import classifier, features, metrics
 
 torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
 
@@ -89,12 +93,12 @@ def test_classifier_score_rewards_confident_diverse_predictions():
 @pytest.fixture(scope="module")
 def classifier_and_reals(featurized_repo):
     torch.set_num_threads(1)
-    model, _ = classifier.load_classifier(featurized_repo / "models" / "classifier")
+    model, _ = classifier.load_classifier(Layout(featurized_repo))
     shards = str(featurized_repo / "data" / "shards")
-    train = next(data.iter_split(data.shard_urls("train", shards), batch_size=500))[0]
-    val, labels = next(data.iter_split(data.shard_urls("val", shards), batch_size=500,
-                                       with_labels=True))
-    return model, train, val, labels
+    train = next(loader.iter_split(shard_urls("train", shards), batch_size=500))[0]
+    val, labels = next(loader.iter_split(shard_urls("val", shards), batch_size=500,
+                                         with_labels=True))
+    return model, to_signed(train), to_signed(val), labels
 
 
 def test_fid_rises_monotonically_with_gaussian_noise(classifier_and_reals):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import (
+from pipeline.models.dcgan import (
     Discriminator,
     Generator,
     GeneratorSpec,

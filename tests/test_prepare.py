@@ -18,10 +18,11 @@ import pytest
 from conftest import copy_repo, stage_env
 from PIL import Image
 
-from pipeline.cli import UserError
-from pipeline.config import DataConfig
-from pipeline.data import read_shard
-from pipeline.sharding import prepare_dataset, split_assignments
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.data.reader import read_shard
+from pipeline.data.shards import prepare_dataset, split_assignments
 
 IMAGE_SIZE = 16
 
@@ -205,7 +206,7 @@ def stored_images(root: Path) -> dict[str, Image.Image]:
 @pytest.fixture(scope="module")
 def folder_run(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("folder_out")
-    stats = prepare_dataset(data_cfg(folder, num_processes=2), root=out)
+    stats = prepare_dataset(data_cfg(folder, num_processes=2), Layout(out)).to_dict()
     return out, stats
 
 
@@ -248,7 +249,8 @@ def test_folder_bad_files_counted_by_reason(folder_run, folder):
 
 
 def test_folder_grayscale_and_pixel_stats(folder, tmp_path):
-    stats = prepare_dataset(data_cfg(folder, channels=1, val_fraction=0.0), root=tmp_path)
+    cfg = data_cfg(folder, channels=1, val_fraction=0.0)
+    stats = prepare_dataset(cfg, Layout(tmp_path)).to_dict()
     images = stored_images(tmp_path)
     assert {image.mode for image in images.values()} == {"L"}
     assert stats["splits"]["val"]["samples"] == 0
@@ -271,7 +273,7 @@ def test_archive_read_in_place_matches_folder(folder, folder_run, tmp_path, suff
     out = tmp_path / "out"
     out.mkdir()
     before = {p for p in tmp_path.rglob("*")}
-    stats = prepare_dataset(data_cfg(archive), root=out)
+    stats = prepare_dataset(data_cfg(archive), Layout(out)).to_dict()
     written = {p for p in tmp_path.rglob("*")} - before
     assert all(out in p.parents for p in written)  # nothing extracted next to the archive
 
@@ -290,7 +292,8 @@ def test_unlabelled_when_images_sit_at_the_top(tmp_path):
     for i in range(3):
         _save(tmp_path / "src" / f"{i}.png", _solid("L", i * 50))
     _save(tmp_path / "src" / "sub" / "x.png", _solid("L", 9))
-    stats = prepare_dataset(data_cfg(tmp_path / "src", val_fraction=0.5), root=tmp_path)
+    cfg = data_cfg(tmp_path / "src", val_fraction=0.5)
+    stats = prepare_dataset(cfg, Layout(tmp_path)).to_dict()
     assert not stats["labelled"] and stats["num_classes"] is None
     shard = sorted((tmp_path / "data/shards").glob("train-*.tar"))[0]
     assert all("cls" not in s for s in read_shard(str(shard)))
@@ -301,7 +304,7 @@ def test_no_valid_image_is_a_user_error(tmp_path):
     (tmp_path / "src" / "a.png").write_bytes(b"")
     (tmp_path / "src" / "b.jpg").write_text("text")
     with pytest.raises(UserError, match=r"no valid image among 2 \(1 not_an_image, 1 zero_bytes\)"):
-        prepare_dataset(data_cfg(tmp_path / "src"), root=tmp_path)
+        prepare_dataset(data_cfg(tmp_path / "src"), Layout(tmp_path))
     assert not (tmp_path / "data" / "stats.json").exists()
 
 
@@ -352,3 +355,69 @@ def test_bad_source_is_one_line(stage_repo, source, message):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith(message), result.stderr
     assert (stage_repo / "data/stats.json").read_text() == '{"from": "an earlier run"}\n'
+
+
+# --- hostile sources: nothing extracted, everything counted --------------------------------------
+
+
+def _png_bytes(size: tuple[int, int], value: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    _solid("L", value, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_archive_members_named_outside_it_are_counted_and_never_written(tmp_path):
+    archive = tmp_path / "in" / "images.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(4):
+            zf.writestr(f"cats/{i}.png", _png_bytes((16, 16), i * 40))
+        zf.writestr("../escaped.png", _png_bytes((16, 16)))
+        zf.writestr("/abs.png", _png_bytes((16, 16)))
+    out = tmp_path / "out"
+    stats = prepare_dataset(data_cfg(archive), Layout(out)).to_dict()
+    assert stats["samples"] == 4
+    assert stats["skipped"]["unsafe_name"]["count"] == 2
+    assert sorted(stats["skipped"]["unsafe_name"]["paths"]) == [
+        f"{archive}!../escaped.png", f"{archive}!/abs.png"
+    ]
+    assert not (tmp_path / "escaped.png").exists() and not Path("/abs.png").exists()
+    with pytest.raises(UserError, match=r"escaped\.png: bad image, unsafe_name"):
+        prepare_dataset(data_cfg(archive, on_bad_image="error"), Layout(tmp_path / "strict"))
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_archive_members_that_expand_past_the_limit_are_skipped_unread(tmp_path, monkeypatch,
+                                                                        suffix):
+    from pipeline.data import images
+
+    monkeypatch.setattr(images, "MAX_SOURCE_BYTES", 4096)
+    big = _png_bytes((16, 16)) + b"\0" * 100_000  # compresses to little, expands past 4 KiB
+    small = {f"{kind}/{i}.png": _png_bytes((16, 16), i * 50)
+             for i, kind in enumerate(("cats", "dogs", "dogs"))}
+    archive = tmp_path / f"images{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, body in {**small, "dogs/bomb.png": big}.items():
+                zf.writestr(name, body)
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for name, body in {**small, "dogs/bomb.png": big}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tf.addfile(info, io.BytesIO(body))
+    assert archive.stat().st_size < 4096 * 2
+    stats = prepare_dataset(data_cfg(archive), Layout(tmp_path / "out")).to_dict()
+    assert stats["samples"] == 3
+    assert stats["skipped"]["too_large"]["paths"] == [f"{archive}!dogs/bomb.png"]
+
+
+def test_a_decompression_bomb_is_too_large_not_decoded(tmp_path, monkeypatch):
+    """PIL's pixel limit (lowered here, as a huge image would exceed the default one)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _save(tmp_path / "src/a/small.png", _solid("L", 10, (16, 16)))
+    _save(tmp_path / "src/b/small.png", _solid("L", 200, (16, 16)))
+    _save(tmp_path / "src/b/bomb.png", _solid("L", 90, (64, 64)))
+    stats = prepare_dataset(data_cfg(tmp_path / "src"), Layout(tmp_path / "out")).to_dict()
+    assert stats["samples"] == 2
+    assert stats["skipped"]["too_large"]["paths"] == [str(tmp_path / "src/b/bomb.png")]

@@ -9,7 +9,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from mlflow import MlflowClient
 from PIL import Image
 from registry_helpers import (
@@ -23,9 +22,15 @@ from registry_helpers import (
     tiny_generator,
 )
 
-from pipeline import registry
-from pipeline.cli import UserError
-from pipeline.sampling import latent_noise, sample_to_file
+from devtools.gloo import free_port
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.core.records import Evaluation
+from pipeline.registry import promote as promotion
+from pipeline.registry.promote import lower_is_better
+from pipeline.registry.register import open_registry
+from pipeline.registry.sampling import latent_noise, sample_to_file
+from pipeline.registry.tags import evaluation_tags
 
 pytestmark = pytest.mark.slow
 
@@ -38,22 +43,21 @@ def _decision(client: MlflowClient, name: str, version: str, alias: str = "champ
     return json.loads(client.get_model_version(name, version).tags[f"{alias}.decision"])
 
 
-def test_evaluation_tags_read_both_spellings_of_the_extractor_keys():
-    written_by_evaluate = {
-        "extractor": "classifier",
-        "extractor_sha256": "ab" * 32,
-        "num_samples": 500,
-        "fid_classifier": 3.25,
-        "mode_collapse": False,
-    }
-    tags = registry.evaluation_tags(written_by_evaluate)
+def test_evaluation_tags_come_from_the_record_evaluate_writes(tmp_path):
+    layout = Layout(tmp_path)
+    Evaluation(
+        feature_extractor="classifier", feature_extractor_sha256="ab" * 32, num_samples=500,
+        num_real_samples=500, floor_num_samples=500, kid_subset_size=100, generator_steps=7,
+        scores={"fid_classifier": 3.25}, mode_collapse=False,
+    ).save(layout)
+    tags = evaluation_tags(Evaluation.load(layout))  # the same type on both sides
     assert tags["feature_extractor"] == "classifier"
     assert tags["feature_extractor_sha256"] == "ab" * 32
     assert tags["num_samples"] == "500"
     assert float(tags["metric.fid_classifier"]) == 3.25
-    assert tags["eval.mode_collapse"] == "false"
-    assert registry.lower_is_better("kid_classifier")
-    assert not registry.lower_is_better("classifier_score")
+    assert tags["mode_collapse"] == "false"
+    assert lower_is_better("kid_classifier")
+    assert not lower_is_better("classifier_score")
 
 
 def test_register_twice_makes_one_version_that_loads_without_pickle(mlflow_server, tmp_path):
@@ -174,22 +178,22 @@ def test_promote_moves_champion_only_for_better_and_records_decisions(mlflow_ser
 
     # Rollback to an older, better version: allowed; to an older, worse one: only with --force.
     # (Through the library the CLI calls: each new interpreter costs seconds of CPU.)
-    registry.promote(client, name, version=v2)
+    promotion.promote(client, name, version=v2)
     assert client.get_model_version_by_alias(name, "champion").version == v2
     with pytest.raises(UserError, match="does not beat champion version 2"):
-        registry.promote(client, name, version=v1)
-    registry.promote(client, name, version=v1, force=True)
+        promotion.promote(client, name, version=v1)
+    promotion.promote(client, name, version=v1, force=True)
     assert client.get_model_version_by_alias(name, "champion").version == v1
 
     # Higher-is-better metrics compare the other way round (classifier_score = 9 - fid/10).
-    decision = registry.promote(client, name, version=v2, metric="classifier_score")
+    decision = promotion.promote(client, name, version=v2, metric="classifier_score")
     assert decision.promoted and (decision.value, decision.previous_value) == (8.5, 8.0)
     assert client.get_model_version_by_alias(name, "champion").version == v2
 
     # A version scored with another extractor is not comparable, whatever its number.
     v4 = register(14, fid=1.0, extractor_sha="f" * 64)
     with pytest.raises(UserError, match=r"different feature extractor .* not comparable"):
-        registry.promote(client, name, version=v4)
+        promotion.promote(client, name, version=v4)
     assert client.get_model_version_by_alias(name, "champion").version == v2
     assert _decision(client, name, v4)["promoted"] is False
 
@@ -239,7 +243,7 @@ def test_register_and_sample_with_embedded_sqlite(tmp_path, monkeypatch):
         "uri": "models:/gen-sqlite/1",
         "alias": "candidate",
     }
-    registry.open_registry(uri)
+    open_registry(uri)
     sample_to_file("models:/gen-sqlite@candidate", 4, 0, tmp_path / "s.npy", "npy")
     array = np.load(tmp_path / "s.npy", allow_pickle=False)
     with torch.no_grad():

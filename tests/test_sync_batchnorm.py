@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.distributed import (
+from devtools.gloo import run_gloo_ranks
+from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
+from pipeline.train.sync_bn import (
     CpuSyncBatchNorm,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
-    run_gloo_ranks,
 )
-from pipeline.models import GeneratorSpec, build_discriminator, build_generator
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 CHANNELS = 3

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoints, training
-from pipeline.cli import UserError
-from pipeline.config import Config, load_config
-from pipeline.distributed import run_gloo_ranks
-from pipeline.models import Generator, GeneratorSpec
+from devtools.gloo import run_gloo_ranks
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.models.dcgan import Generator, GeneratorSpec
+from pipeline.train import checkpoints
+from pipeline.train import loop as training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.nz=16", "model.ngf=8", "model.ndf=8", "train.log_every_steps=10",
@@ -123,13 +126,22 @@ def ray_config(mnist_shards: Path, tmp_path: Path, **overrides: object) -> Confi
     return cfg
 
 
+def layout_with_stats(mnist_shards: Path, out: Path) -> Layout:
+    """A workspace at `out` holding only mnist5k's data/stats.json (shards: train.shards)."""
+    layout = Layout(out)
+    layout.stats.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(mnist_shards / "data" / "stats.json", layout.stats)
+    return layout
+
+
 def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "") -> dict:
-    from pipeline.ray_train import FAULT_ENV, train
+    from pipeline.train.faults import FAULT_ENV
+    from pipeline.train.stage import train
 
     if fault:
         os.environ[FAULT_ENV] = fault
     try:
-        return train(cfg, root=out, stats_path=mnist_shards / "data" / "stats.json")
+        return train(cfg, layout_with_stats(mnist_shards, out)).to_dict()
     finally:
         os.environ.pop(FAULT_ENV, None)
 
@@ -184,7 +196,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
 ):
     """One worker on CPU, crashed at step 15 and resumed from the (mid-epoch) checkpoint at
     10, ends with the very bits of the same loop run straight through without Ray."""
-    from pipeline import data
+    from pipeline.data import loader
+    from pipeline.data.reader import shard_urls
 
     cfg = ray_config(mnist_shards, tmp_path, **{
         "train.num_workers": 1, "train.batch_size": 128, "train.epochs": 1,
@@ -194,11 +207,11 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     assert resumed["resumed_from_steps"] == [10] and resumed["steps"] == 35
 
     torch.set_num_threads(cfg.train.cpus_per_worker)  # as the Ray worker does
-    urls = data.shard_urls("train", cfg.train.shards)
+    urls = shard_urls("train", cfg.train.shards)
     straight = training.TrainLoop(
         cfg, training.LoopEnv(0, 1, torch.device("cpu"), resumed["steps_per_epoch"]), LocalHooks()
     )
-    straight.run(lambda epoch, skip: data.train_batches(
+    straight.run(lambda epoch, skip: loader.train_batches(
         urls, batch_size=128, rank=0, world_size=1, num_batches=35, seed=cfg.train.seed,
         epoch=epoch, skip_batches=skip, loader_workers=cfg.train.loader_workers,
     ))
@@ -216,25 +229,27 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
 
 
 def test_missing_shards_fail_in_one_line_before_ray(tmp_path):
-    from pipeline.ray_train import preflight
+    from pipeline.train.preflight import preflight
 
     cfg = tiny_config(**{"train.shards": str(tmp_path / "nowhere")})
     with pytest.raises(UserError, match="no train shards") as caught:
-        preflight(cfg, tmp_path, tmp_path / "stats.json")
+        preflight(cfg, Layout(tmp_path))
     assert "\n" not in str(caught.value)
 
 
 def test_too_many_cpus_per_worker_fail_before_any_worker(ray_cluster, mnist_shards, tmp_path):
-    from pipeline.ray_train import preflight
+    from pipeline.train.stage import train
 
     cfg = ray_config(mnist_shards, tmp_path, **{"train.cpus_per_worker": 64})
     with pytest.raises(UserError, match="Ray has 4 CPUs, train needs 128"):
-        preflight(cfg, tmp_path, mnist_shards / "data" / "stats.json")
+        train(cfg, layout_with_stats(mnist_shards, tmp_path))
     assert not (tmp_path / "ray_storage").exists()
 
 
 def test_an_unreachable_tracking_server_is_a_one_line_exit(mnist_shards, tmp_path):
-    from conftest import free_port, stage_env
+    from conftest import stage_env
+
+    from devtools.gloo import free_port
 
     result = subprocess.run(
         [sys.executable, "stages/train.py", "-S", f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
@@ -250,7 +265,7 @@ def test_an_unreachable_tracking_server_is_a_one_line_exit(mnist_shards, tmp_pat
 
 
 def test_fault_spec_is_validated():
-    from pipeline.ray_train import FaultSpec
+    from pipeline.train.faults import FaultSpec
 
     assert FaultSpec.parse("step=3,rank=1,mode=exit") == FaultSpec(3, 1, "exit")
     with pytest.raises(UserError, match="DCGAN_FAULT_INJECT"):

@@ -1,0 +1,65 @@
+"""Run a function on N local processes joined in a gloo process group, and find free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    results_dir: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    if sys.platform.startswith("linux"):
+        # Loopback, not whatever interface the hostname resolves to (containers, VPNs).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)  # N ranks share a few cores: no oversubscription
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(results_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(
+    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = ()
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes joined in a gloo
+    process group on 127.0.0.1; return each rank's return value, by rank.
+
+    For tests and benchmarks. `fn` must be importable (module level) and return what
+    `torch.load(weights_only=True)` accepts (tensors, numbers, lists, dicts).
+    """
+    with tempfile.TemporaryDirectory(prefix="gloo_ranks_") as results_dir:
+        torch.multiprocessing.spawn(
+            _gloo_rank,
+            args=(world_size, free_port(), results_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        return [
+            torch.load(Path(results_dir) / f"rank{rank}.pt", weights_only=True)
+            for rank in range(world_size)
+        ]

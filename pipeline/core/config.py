@@ -1,0 +1,300 @@
+"""Typed, frozen, validated parameters: `params.yaml` plus `-S key=value` overrides.
+
+Every section of `params.yaml` maps to one frozen dataclass. Each field carries its own check
+(`allowed`), so a bad value is reported as one line naming the dotted key and what is allowed,
+before any work starts. Stages exit with code 2 on such an error (see `pipeline.cli`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from pipeline.core.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")  # relative to the repository root
+
+
+# --- field checks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A predicate on a value plus the words that say what is allowed."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low}")
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
+    def ok(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return Check(ok, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def power_of_two(low: int, high: int) -> Check:
+    return Check(
+        lambda v: low <= v <= high and v & (v - 1) == 0,
+        f"a power of two from {low} to {high}",
+    )
+
+
+def param(default: Any, check: Check | None = None, doc: str = "") -> Any:
+    """A dataclass field with a default, an optional check and a one-line description."""
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`data`: where images come from and how they are sharded."""
+
+    source: str = param("mnist5k", doc="mnist5k, a directory of images, or a .zip/.tar/.tar.gz")
+    image_size: int = param(32, power_of_two(16, 128), "side of the square images, px")
+    channels: int = param(1, one_of(1, 3), "1 = grayscale, 3 = RGB")
+    val_fraction: float = param(0.1, between(0.0, 1.0, high_open=True), "held-out share")
+    seed: int = param(0, at_least(0), "seed of the train/val split")
+    samples_per_shard: int = param(1000, at_least(1), "max samples in one tar shard")
+    on_bad_image: str = param("skip", one_of("skip", "error"), "skip (count) or error (stop)")
+    min_side_px: int = param(8, at_least(1), "images with a smaller side are skipped")
+    num_processes: int = param(0, at_least(0), "decode processes; 0 = one per CPU core")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model`: DCGAN widths."""
+
+    nz: int = param(100, at_least(1), "length of the latent vector z")
+    ngf: int = param(64, at_least(1), "generator width (channels of its last hidden layer)")
+    ndf: int = param(64, at_least(1), "discriminator width (channels of its first layer)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`train`: Ray Train DDP training."""
+
+    num_workers: int = param(2, at_least(1), "Ray Train workers (DDP ranks)")
+    use_gpu: bool = param(False, doc="one GPU per worker, NCCL; else CPU and gloo")
+    cpus_per_worker: int = param(1, at_least(1), "CPUs Ray reserves per worker; torch threads")
+    batch_size: int = param(64, at_least(1), "images per worker per step")
+    epochs: int = param(5, at_least(1), "passes over the train split (global batch)")
+    lr_g: float = param(2e-4, between(0.0, 1.0, low_open=True), "Adam lr of the generator")
+    lr_d: float = param(2e-4, between(0.0, 1.0, low_open=True), "Adam lr of the discriminator")
+    beta1: float = param(0.5, between(0.0, 1.0, high_open=True), "Adam beta1")
+    beta2: float = param(0.999, between(0.0, 1.0, high_open=True), "Adam beta2")
+    precision: str = param("fp32", one_of("fp32", "bf16"), "autocast precision")
+    sync_batchnorm: bool = param(True, doc="batch statistics of the global batch")
+    checkpoint_every_steps: int = param(100, at_least(1), "steps between checkpoints")
+    log_every_steps: int = param(10, at_least(1), "steps between logged metrics")
+    max_failures: int = param(2, at_least(0), "worker-group restarts Ray attempts")
+    loader_workers: int = param(1, at_least(0), "DataLoader processes per worker")
+    seed: int = param(0, at_least(0), "seed of weights, noise and shuffling")
+    storage_path: str = param("", doc="Ray checkpoint storage; '' = .ray_storage in the repo")
+    shards: str = param("", doc="shard directory or fsspec URL; '' = data/shards")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """`classifier`: the domain classifier used as FID feature extractor."""
+
+    epochs: int = param(8, at_least(1), "passes over the labelled train split")
+    batch_size: int = param(64, at_least(1), "images per step")
+    lr: float = param(4e-3, between(0.0, 1.0, low_open=True), "peak Adam lr (one-cycle)")
+    seed: int = param(0, at_least(0), "seed of weights and shuffling")
+    min_val_accuracy: float = param(0.0, between(0.0, 1.0), "fail below this val accuracy")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`eval`: FID/KID, grids and the mode-collapse alarm."""
+
+    num_samples: int = param(500, at_least(2), "generated (and real) images per FID/KID")
+    batch_size: int = param(250, at_least(1), "images per generator/extractor batch")
+    feature_extractor: str = param(
+        "auto", one_of("auto", "inception", "classifier"),
+        "FID features; auto = Inception if its weights file is found, else classifier",
+    )
+    inception_weights: str = param("", doc="path of the FID Inception weights file")
+    kid_subset_size: int = param(100, at_least(2), "images per KID subset")
+    seed: int = param(0, at_least(0), "seed of the evaluation noise")
+    collapse_min_coverage: float = param(0.8, between(0.0, 1.0), "classes-hit share alarm")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """`mlflow`: where runs and models are tracked."""
+
+    tracking_uri: str = param("sqlite:///mlflow.db", doc="sqlite:///file.db or http://host:port")
+    experiment: str = param("dcgan", doc="MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """`register`: MLflow model registry."""
+
+    model_name: str = param("dcgan-generator", doc="registered model name")
+    alias: str = param("candidate", doc="alias set on each newly registered version")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of `params.yaml`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)=(.*)$", re.DOTALL)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `section.key=value` override; the value is read as YAML, as `dvc exp run -S`."""
+    match = _OVERRIDE.match(text)
+    if not match:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = match.groups()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported parameter type {kind}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            section = values.get(f.name) or {}
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{key}: expected a mapping of keys, got {section!r}")
+            kwargs[f.name] = _build(kind, section, key + ".")
+            continue
+        if f.name not in values:
+            continue
+        value = _coerce(key, values[f.name], kind)
+        check: Check | None = f.metadata.get("check")
+        if check is not None and not check.ok(value):
+            raise ConfigError(f"{key}: must be {check.allowed}, got {value!r}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(
+    params_path: str | Path = PARAMS_FILE, overrides: Sequence[str] = ()
+) -> Config:
+    """Load `params_path`, apply `section.key=value` overrides, validate everything.
+
+    Raises `ConfigError` (one line naming the key) on an unknown key, a wrong type or a value
+    out of range.
+    """
+    path = Path(params_path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return _build(Config, tree, "")
+
+
+def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config (or a section) to dotted keys, e.g. for MLflow params."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            flat[prefix + f.name] = value
+    return flat
+
+
+def from_dict(cls: type, values: Mapping[str, Any]) -> Any:
+    """Rebuild a (validated) config dataclass from `dataclasses.asdict` output."""
+    return _build(cls, values, "")
+
+
+def describe(cls: type = Config, prefix: str = "") -> Iterable[tuple[str, Any, str, str]]:
+    """Yield (dotted key, default, allowed, doc) for every parameter: the params reference."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from describe(kind, f"{prefix}{f.name}.")
+            continue
+        check: Check | None = f.metadata.get("check")
+        allowed = check.allowed if check else kind.__name__
+        yield prefix + f.name, f.default, allowed, f.metadata.get("doc", "")

@@ -1,0 +1,282 @@
+"""The typed JSON records that stages hand each other, one type per file.
+
+Each record knows its file (under a `Layout`) and the stage that writes it: `load` turns a
+missing or stale file into one `UserError` line naming the stage to rerun, `save` writes it.
+Files pinned by a hash (generator and classifier weights) are verified in one place,
+`verify_sha256`. Records hold plain JSON values; the layers above turn them into models.
+
+What people compare lives in `metrics()` (reports/metrics/<stage>.json, `dvc metrics show`);
+ids, hashes, paths and per-class counts stay in the record itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pipeline.core import layout as files_layout
+from pipeline.core.errors import UserError
+from pipeline.core.files import sha256_file, write_json
+from pipeline.core.layout import Layout
+
+
+def verify_sha256(path: Path, expected: str | None, record_path: Path, stage: str) -> str:
+    """The SHA-256 of `path`; UserError when the file is missing or differs from `expected`
+    (recorded in `record_path` by `stage`)."""
+    if not path.exists():
+        raise UserError(f"{path} not found: run `dvc repro {stage}` first")
+    digest = sha256_file(path)
+    if expected and digest != expected:
+        raise UserError(
+            f"{path} does not match the SHA-256 recorded in {record_path}: "
+            f"rerun `dvc repro {stage}`"
+        )
+    return digest
+
+
+@dataclass(frozen=True)
+class Record:
+    """Base of every stage record: a frozen dataclass stored as one JSON object."""
+
+    RELATIVE_PATH: ClassVar[Path]
+    STAGE: ClassVar[str]  # the DVC stage that writes it
+    SORT_KEYS: ClassVar[bool] = False
+
+    @classmethod
+    def path(cls, layout: Layout) -> Path:
+        """Where this record lives under `layout`."""
+        return layout.path(cls.RELATIVE_PATH)
+
+    @classmethod
+    def exists(cls, layout: Layout) -> bool:
+        """Whether the stage has written it."""
+        return cls.path(layout).exists()
+
+    @classmethod
+    def load(cls, layout: Layout) -> Self:
+        """Read and check the record; UserError naming the stage to run when missing or stale."""
+        path = cls.path(layout)
+        if not path.exists():
+            raise UserError(f"{path} not found: run `dvc repro {cls.STAGE}` first")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise UserError(
+                f"{path} is stale or damaged ({err}): rerun `dvc repro {cls.STAGE}`"
+            ) from err
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Build from parsed JSON; TypeError on a missing required key (unknown keys: ignored,
+        so that a newer writer does not break an older reader)."""
+        if not isinstance(values, dict):
+            raise TypeError("expected a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to disk."""
+        return dataclasses.asdict(self)
+
+    def save(self, layout: Layout) -> Path:
+        """Write the record (and its metrics file, when it has one); returns the record path."""
+        path = write_json(self.path(layout), self.to_dict(), sort_keys=self.SORT_KEYS)
+        people = self.metrics()
+        if people is not None:
+            write_json(layout.metrics(self.STAGE), people)
+        return path
+
+    def metrics(self) -> dict[str, Any] | None:
+        """What `dvc metrics show` prints for this stage; None: no metrics file."""
+        return None
+
+
+@dataclass(frozen=True)
+class DatasetStats(Record):
+    """data/stats.json, written by `prepare`: counts, skipped files, shard hashes."""
+
+    RELATIVE_PATH: ClassVar[Path] = files_layout.STATS
+    STAGE: ClassVar[str] = "prepare"
+    SORT_KEYS: ClassVar[bool] = True
+
+    source: str
+    source_kind: str
+    images_found: int
+    samples: int
+    splits: dict[str, dict[str, Any]]  # split -> {samples, shards, classes: {name: count}}
+    shards: int
+    labelled: bool
+    num_classes: int | None
+    class_names: list[str]
+    image_size: int
+    channels: int
+    skipped_total: int
+    skipped: dict[str, dict[str, Any]]  # reason -> {count, paths}
+    ignored_files: dict[str, Any]
+    pixel_mean: list[float]
+    pixel_std: list[float]
+    shard_sha256: dict[str, str]
+    dataset_sha256: str
+
+    def split_samples(self, split: str) -> int:
+        """Samples in `split` (0 when the split is empty)."""
+        return int(self.splits.get(split, {}).get("samples", 0))
+
+    def split_hash(self, split: str) -> str:
+        """A hash of one split's shards, else of the whole dataset."""
+        own = {k: v for k, v in self.shard_sha256.items() if k.startswith(split)}
+        if not own:
+            return self.dataset_sha256
+        return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()
+
+    def check_shape(self, image_size: int, channels: int, rerun: str) -> None:
+        """UserError unless the shards hold `channels` x `image_size` px images."""
+        if (self.image_size, self.channels) != (image_size, channels):
+            raise UserError(
+                f"shards hold {self.image_size}px images with {self.channels} channel(s), "
+                f"{rerun} expects {image_size}px/{channels}: rerun prepare (or {rerun})"
+            )
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "images_found": self.images_found,
+            "train_samples": self.split_samples("train"),
+            "val_samples": self.split_samples("val"),
+            "skipped": self.skipped_total,
+            "num_classes": self.num_classes or 0,
+        }
+
+
+@dataclass(frozen=True)
+class GeneratorRecord(Record):
+    """models/generator.json, written by `train`: the generator's shape and weights hash."""
+
+    RELATIVE_PATH: ClassVar[Path] = files_layout.GENERATOR_RECORD
+    STAGE: ClassVar[str] = "train"
+
+    spec: dict[str, int]  # GeneratorSpec.to_dict()
+    steps: int
+    images_seen: int
+    sha256: str
+
+    def verified_weights(self, layout: Layout) -> Path:
+        """models/generator.pt, checked against `sha256`."""
+        verify_sha256(layout.generator_weights, self.sha256, self.path(layout), self.STAGE)
+        return layout.generator_weights
+
+
+@dataclass(frozen=True)
+class ClassifierRecord(Record):
+    """models/classifier/spec.json, written by the `classifier` stage: the domain classifier's
+    architecture, weights hash and accuracy, or why none was trained."""
+
+    RELATIVE_PATH: ClassVar[Path] = (
+        files_layout.CLASSIFIER_DIR / files_layout.CLASSIFIER_RECORD_NAME
+    )
+    STAGE: ClassVar[str] = "classifier"
+
+    skipped: bool
+    reason: str | None = None
+    arch: dict[str, int] | None = None
+    num_classes: int | None = None
+    feature_dim: int | None = None
+    sha256: str | None = None
+    val_accuracy: float | None = None
+    val_samples: int | None = None
+    train_samples: int | None = None
+    epochs: int | None = None
+    train_seconds: float | None = None
+    dataset_sha256: str | None = None
+    class_names: list[str] | None = None
+
+    def verified_weights(self, layout: Layout) -> Path:
+        """models/classifier/weights.pt, checked against `sha256`; UserError when skipped."""
+        if self.skipped:
+            raise UserError(f"no domain classifier: the classifier stage skipped ({self.reason})")
+        verify_sha256(layout.classifier_weights, self.sha256, self.path(layout), self.STAGE)
+        return layout.classifier_weights
+
+    def metrics(self) -> dict[str, Any]:
+        if self.skipped:
+            return {"skipped": True}
+        return {"val_accuracy": self.val_accuracy, "val_samples": self.val_samples,
+                "epochs": self.epochs, "train_seconds": self.train_seconds}
+
+
+@dataclass(frozen=True)
+class TrainRun(Record):
+    """reports/train_run.json, written by `train`: where the run lives and how it went."""
+
+    RELATIVE_PATH: ClassVar[Path] = files_layout.TRAIN_RUN
+    STAGE: ClassVar[str] = "train"
+
+    mlflow_run_id: str
+    mlflow_experiment_id: str
+    tracking_uri: str
+    ray_run_name: str
+    ray_storage_path: str
+    final_checkpoint: str
+    steps: int
+    epochs: int
+    steps_per_epoch: int
+    images_seen: int
+    world_size: int
+    generator_sha256: str
+    wall_s: float
+    worker_node_ids: list[str] = field(default_factory=list)
+    resumed_from_steps: list[int] = field(default_factory=list)
+    params_identical_across_ranks: bool = True
+    final_loss_d: float | None = None
+    final_loss_g: float | None = None
+    mean_images_per_s: float | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "images_seen": self.images_seen, "world_size": self.world_size,
+            "images_per_s": round(self.mean_images_per_s or 0.0, 1), "wall_s": self.wall_s,
+            "final_loss_d": self.final_loss_d, "final_loss_g": self.final_loss_g,
+        }
+
+
+@dataclass(frozen=True)
+class Evaluation(Record):
+    """reports/evaluation.json, written by `evaluate`, read by `register`: the scores and what
+    they were measured with (extractor, its hash, N)."""
+
+    RELATIVE_PATH: ClassVar[Path] = files_layout.EVALUATION
+    STAGE: ClassVar[str] = "evaluate"
+
+    feature_extractor: str  # inception | classifier | none
+    num_samples: int
+    num_real_samples: int
+    floor_num_samples: int
+    kid_subset_size: int
+    generator_steps: int
+    scores: dict[str, float]  # fid_<x>, kid_<x>, floors, classifier_score, class coverage
+    feature_extractor_sha256: str | None = None
+    mode_collapse: bool | None = None
+    class_histogram: list[int] | None = None
+    fid_skipped_reason: str | None = None
+    class_metrics_skipped_reason: str | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        collapse = {} if self.mode_collapse is None else {"mode_collapse": self.mode_collapse}
+        return {**self.scores, **collapse}
+
+
+@dataclass(frozen=True)
+class RegistryRecord(Record):
+    """reports/registry.json, written by `register`: the version that holds the alias."""
+
+    RELATIVE_PATH: ClassVar[Path] = files_layout.REGISTRY_RECORD
+    STAGE: ClassVar[str] = "register"
+    SORT_KEYS: ClassVar[bool] = True
+
+    name: str
+    version: str
+    uri: str
+    alias: str

@@ -1,0 +1,147 @@
+"""MLflow tracking: one run per training, written only by the driver and by rank 0.
+
+The driver checks the tracking URI, creates the run and logs every parameter (dotted keys);
+rank 0 adds the step metrics and one sample grid per epoch (an image with its step, so the UI's
+slider walks through training). Later stages reopen the run by the id that the train stage
+writes to `reports/train_run.json`.
+
+The tracking URI: `mlflow.tracking_uri` in params.yaml; when that is '' the environment's
+`MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`. A relative SQLite path is made absolute
+(Ray workers do not run in the repository root).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import MlflowConfig
+from pipeline.core.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_SQLITE = "sqlite:///"
+_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+_METRICS_PER_BATCH = 1000
+
+
+def resolve_tracking_uri(mlflow_cfg: MlflowConfig, root: Path) -> str:
+    """The tracking URI to use: params, else $MLFLOW_TRACKING_URI, else the SQLite default;
+    a relative `sqlite:///path` becomes absolute against `root`."""
+    uri = mlflow_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(_SQLITE):
+        db_path = Path(uri[len(_SQLITE) :])
+        if not db_path.is_absolute():
+            uri = _SQLITE + str((Path(root) / db_path).resolve())
+    return uri
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """UserError (one line) if an http(s) tracking server does not answer, or the directory
+    of a SQLite database does not exist. Cheap: call it before starting any worker."""
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):  # http(s) only: checked above
+                return
+        except urllib.error.HTTPError:
+            return  # it answered: a server is there (a proxy may not serve /health)
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(
+                f"MLflow tracking server {tracking_uri} is not reachable ({reason}); start it "
+                "or set mlflow.tracking_uri"
+            ) from None
+    if tracking_uri.startswith(_SQLITE):
+        parent = Path(tracking_uri[len(_SQLITE) :]).parent
+        if not parent.is_dir():
+            raise UserError(f"MLflow database directory {parent} does not exist ({tracking_uri})")
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (`<db dir>/mlruns`), not in
+    whatever directory the first writer happened to run from; servers choose their own."""
+    if not tracking_uri.startswith(_SQLITE):
+        return None
+    return (Path(tracking_uri[len(_SQLITE) :]).parent / "mlruns").resolve().as_uri()
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient  # imported late: a heavy import the workers mostly skip
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    params: Mapping[str, Any],
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
+    """Create a run in `experiment` (created if missing) holding `params`; return
+    (run_id, experiment_id)."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri))
+    )
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run.info.run_id, params=items[start : start + _PARAMS_PER_BATCH])
+    return run.info.run_id, experiment_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run FINISHED (or FAILED / KILLED)."""
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None
+) -> None:
+    """Log a dict of numbers to an existing run in one call (evaluate, register)."""
+    log_metric_rows(tracking_uri, run_id, [{**metrics, "step": step or 0}])
+
+
+def log_metric_rows(tracking_uri: str, run_id: str, rows: list[Mapping[str, float]]) -> None:
+    """Log rows like {"step": 10, "loss_d": 0.7, ...}: every key but `step` as a metric at
+    that step, batched (few calls however many rows)."""
+    from mlflow.entities import Metric
+
+    timestamp_ms = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), timestamp_ms, int(row["step"]))
+        for row in rows
+        for key, value in row.items()
+        if key != "step"
+    ]
+    client = _client(tracking_uri)
+    for start in range(0, len(metrics), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
+
+
+def log_image(tracking_uri: str, run_id: str, image: Any, key: str, step: int) -> None:
+    """Log a PIL image as a step-indexed image (the UI shows a slider over steps)."""
+    _client(tracking_uri).log_image(run_id, image, key=key, step=step)
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_dir: str = "") -> None:
+    """Upload a file to the run's artifacts."""
+    _client(tracking_uri).log_artifact(run_id, str(path), artifact_path=artifact_dir or None)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set string tags on a run."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))

@@ -1,0 +1,261 @@
+"""The `evaluate` stage: FID/KID against the real train split, the real-vs-real floor, class
+coverage, sample grids; reports/evaluation.json (and its metrics); everything logged to the
+training's MLflow run.
+
+Honest numbers (README, "Standard Inception FID, offline"): metric names carry the extractor
+(`fid_classifier` vs `fid_inception`), and beside each distance stands its floor - the same
+distance between the val and train splits with the same N - and N itself. Real features are
+cached under .cache/features keyed by the shards' hash, the extractor's hash and N.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.core import tracking
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.core.records import (
+    ClassifierRecord,
+    DatasetStats,
+    Evaluation,
+    GeneratorRecord,
+    TrainRun,
+)
+from pipeline.data import loader
+from pipeline.data.grids import save_grid
+from pipeline.data.pixels import quantize, to_signed
+from pipeline.data.reader import shard_urls
+from pipeline.evaluate import features, metrics
+from pipeline.models.dcgan import Generator, GeneratorSpec, latent_noise, load_generator
+
+log = logging.getLogger(__name__)
+
+GRID_SIDE = 8  # samples.png and reals.png: 8 x 8
+WALKS = 8  # interpolation.png: 8 latent walks ...
+WALK_STEPS = 10  # ... of 10 images each
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def load_trained_generator(layout: Layout) -> tuple[Generator, GeneratorRecord]:
+    """The trained generator (eval mode, weights_only loading) and its record; UserError if
+    either file is missing or the weights are not the ones the record names."""
+    record = GeneratorRecord.load(layout)
+    weights = record.verified_weights(layout)
+    try:
+        return load_generator(weights, GeneratorSpec.from_dict(record.spec)), record
+    except (KeyError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{weights}: cannot load the generator ({first})") from err
+
+
+def slerp(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spherical interpolation (steps, nz) from `start` to `end`: stays where a Gaussian's mass
+    is (White 2016), where a straight line would pass through the unlikely low-norm centre."""
+    t = torch.linspace(0, 1, steps)[:, None]
+    cos = torch.dot(start / start.norm(), end / end.norm()).clamp(-1, 1)
+    omega = torch.acos(cos)
+    if omega.abs() < 1e-6:
+        return (1 - t) * start + t * end
+    return (torch.sin((1 - t) * omega) * start + torch.sin(t * omega) * end) / torch.sin(omega)
+
+
+def generate(
+    generator: Generator, z: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] on the CPU for noise `z`, in batches with a progress bar."""
+    generator.to(device).eval()
+    chunks = list(torch.split(z, batch_size))
+    images = []
+    with torch.no_grad():
+        for chunk in tqdm(chunks, desc="generating", unit="batch"):
+            images.append(generator(chunk.to(device)).float().cpu())
+    return torch.cat(images)
+
+
+# --- cached real features -----------------------------------------------------------------------
+
+
+def real_features(
+    split: str, count: int, extractor: features.FeatureExtractor, stats: DatasetStats,
+    shards: str, batch_size: int, device: torch.device, cache_dir: Path,
+) -> torch.Tensor:
+    """Features of the first `count` samples of `split`, from the cache when the same shards,
+    extractor and N were measured before (plain .npy arrays: nothing is unpickled)."""
+    key = f"{split}-{extractor.name}-{stats.split_hash(split)[:16]}-{extractor.sha256[:16]}"
+    path = cache_dir / f"{key}-n{count}.npy"
+    if path.exists():
+        log.info("real %s features from cache %s", split, path)
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    batches = loader.iter_split(shard_urls(split, shards), batch_size=batch_size, limit=count)
+    found, _ = features.extract(
+        extractor.module, (to_signed(pixels) for pixels, _ in batches), device,
+        desc=f"{extractor.name} features of real {split}", total=math.ceil(count / batch_size),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, found.numpy(), allow_pickle=False)
+    partial.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    return found
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def _plan(cfg: Config, stats: DatasetStats) -> dict[str, int]:
+    """Sample counts, checked before any work: N generated, N real, N of the floor, KID subset."""
+    train_count, val_count = stats.split_samples("train"), stats.split_samples("val")
+    if train_count < 2:
+        raise UserError(f"the train split has {train_count} samples: FID needs at least 2")
+    count = cfg.eval.num_samples
+    real_count = min(count, train_count)
+    floor_count = min(count, val_count, train_count)
+    kid_subset = min(cfg.eval.kid_subset_size, real_count,
+                     floor_count if floor_count >= 2 else real_count)
+    if floor_count < count:
+        log.warning("the floor uses %d samples (val split size), the FID %d", floor_count, count)
+    return {"num_samples": count, "num_real_samples": real_count,
+            "floor_num_samples": floor_count, "kid_subset_size": kid_subset}
+
+
+def _distances(name: str, fake: torch.Tensor, train: torch.Tensor, val: torch.Tensor | None,
+               plan: dict[str, int], seed: int) -> dict[str, float]:
+    """fid_/kid_<extractor> of generated vs train, and their real-vs-real floors."""
+    subset = plan["kid_subset_size"]
+    out: dict[str, float] = {f"fid_{name}": metrics.frechet_distance(train, fake)}
+    out[f"kid_{name}"], out[f"kid_{name}_std"] = metrics.kernel_distance(train, fake, subset, seed)
+    if val is not None and plan["floor_num_samples"] >= 2:
+        floor_train = train[: plan["floor_num_samples"]]
+        out[f"fid_{name}_floor"] = metrics.frechet_distance(floor_train, val)
+        out[f"kid_{name}_floor"], _ = metrics.kernel_distance(floor_train, val, subset, seed)
+    return out
+
+
+def _class_metrics(classifier: features.FeatureExtractor, fake: torch.Tensor, num_classes: int,
+                   cfg: Config, device: torch.device) -> dict[str, Any]:
+    _, logits = features.extract(
+        classifier.module, torch.split(fake, cfg.eval.batch_size), device,
+        desc="classifying samples", logits=classifier.logits,
+    )
+    assert logits is not None
+    coverage = metrics.class_coverage(
+        logits.argmax(1), num_classes, cfg.eval.collapse_min_coverage
+    )
+    return {"classifier_score": metrics.classifier_score(logits), **coverage}
+
+
+def _grids(fake: torch.Tensor, generator: Generator, nz: int, cfg: Config, layout: Layout,
+           device: torch.device) -> list[Path]:
+    shown = GRID_SIDE * GRID_SIDE
+    ends = torch.from_numpy(latent_noise(2 * WALKS, nz, cfg.eval.seed + 1))
+    walks = torch.cat([slerp(ends[2 * i], ends[2 * i + 1], WALK_STEPS) for i in range(WALKS)])
+    where = layout.shards(cfg.train.shards)
+    split = "val" if _has_split("val", where) else "train"
+    first_reals = next(loader.iter_split(shard_urls(split, where), batch_size=shown))[0]
+    return [
+        save_grid(fake[:shown], layout.samples_grid, nrow=GRID_SIDE),
+        save_grid(generate(generator, walks, cfg.eval.batch_size, device),
+                  layout.interpolation_grid, nrow=WALK_STEPS),
+        save_grid(to_signed(first_reals), layout.reals_grid, nrow=GRID_SIDE),
+    ]
+
+
+def _has_split(split: str, where: str) -> bool:
+    try:
+        shard_urls(split, where)
+    except UserError:
+        return False
+    return True
+
+
+def evaluate(cfg: Config, layout: Layout) -> Evaluation:
+    """Measure the trained generator; write reports/evaluation.json, its metrics and the three
+    grids; log it all to the training's MLflow run. Returns the record written."""
+    # Everything a user can get wrong is checked first, before any image is generated.
+    stats = DatasetStats.load(layout)
+    train_run = TrainRun.load(layout)
+    tracking_uri = train_run.tracking_uri or tracking.resolve_tracking_uri(cfg.mlflow,
+                                                                            layout.root)
+    tracking.check_reachable(tracking_uri)
+    generator, generator_record = load_trained_generator(layout)
+    spec = GeneratorSpec.from_dict(generator_record.spec)
+    if (spec.image_size, spec.channels) != (stats.image_size, stats.channels):
+        raise UserError(
+            f"the generator makes {spec.channels}x{spec.image_size}px images, the data are "
+            f"{stats.channels}x{stats.image_size}px: re-run the train stage"
+        )
+    where = layout.shards(cfg.train.shards)
+    shard_urls("train", where)
+    extractor_name, why = features.resolve_extractor_name(cfg.eval, layout)
+    plan = _plan(cfg, stats)
+    has_record = ClassifierRecord.exists(layout)
+    classifier_record = ClassifierRecord.load(layout) if has_record else None
+    has_classifier = classifier_record is not None and not classifier_record.skipped
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    z = torch.from_numpy(latent_noise(plan["num_samples"], spec.nz, cfg.eval.seed))
+    fake = quantize(generate(generator, z, cfg.eval.batch_size, device))
+    grids = _grids(fake, generator, spec.nz, cfg, layout, device)
+
+    scores: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    classifier = (features.build_extractor("classifier", cfg.eval, layout)
+                  if has_classifier else None)
+    if extractor_name is None:
+        details["fid_skipped_reason"] = why
+        log.warning("%s", why)
+    else:
+        extractor = (classifier if extractor_name == "classifier" and classifier
+                     else features.build_extractor(extractor_name, cfg.eval, layout))
+        details["feature_extractor_sha256"] = extractor.sha256
+        common = (extractor, stats, where, cfg.eval.batch_size, device, layout.feature_cache_dir)
+        train_features = real_features("train", plan["num_real_samples"], *common)
+        val_features = (real_features("val", plan["floor_num_samples"], *common)
+                        if plan["floor_num_samples"] >= 2 else None)
+        fake_features, _ = features.extract(
+            extractor.module, torch.split(fake, cfg.eval.batch_size), device,
+            desc=f"{extractor.name} features of samples",
+        )
+        scores.update(_distances(extractor.name, fake_features, train_features, val_features,
+                                 plan, cfg.eval.seed))
+    if classifier is not None:
+        class_metrics = _class_metrics(classifier, fake, stats.num_classes or 0, cfg, device)
+        details["class_histogram"] = class_metrics.pop("class_histogram")
+        details["mode_collapse"] = class_metrics.pop("mode_collapse")
+        scores.update(class_metrics)
+        if details["mode_collapse"]:
+            log.warning("MODE COLLAPSE: samples hit %d of %d classes (histogram %s)",
+                        class_metrics["classes_hit"], stats.num_classes,
+                        details["class_histogram"])
+    else:
+        details["class_metrics_skipped_reason"] = "no domain classifier (unlabelled data)"
+
+    record = Evaluation(feature_extractor=extractor_name or "none", **plan,
+                        generator_steps=generator_record.steps, scores=scores, **details)
+    record_path = record.save(layout)
+    _log_to_mlflow(tracking_uri, train_run.mlflow_run_id, record,
+                   [*grids, record_path, layout.metrics(Evaluation.STAGE)])
+    return record
+
+
+def _log_to_mlflow(tracking_uri: str, run_id: str, record: Evaluation,
+                   artifacts: list[Path]) -> None:
+    numbers = {key: float(value) for key, value in record.metrics().items()}
+    tracking.log_metrics(tracking_uri, run_id, numbers)
+    reasons = {"fid_skipped_reason": record.fid_skipped_reason,
+               "class_metrics_skipped_reason": record.class_metrics_skipped_reason,
+               "feature_extractor": record.feature_extractor}
+    tracking.set_tags(tracking_uri, run_id,
+                      {f"eval.{k}": v for k, v in reasons.items() if v is not None})
+    for path in artifacts:
+        tracking.log_artifact(tracking_uri, run_id, path, "evaluation")

@@ -1,0 +1,112 @@
+"""The `register` stage: the evaluated generator -> MLflow model registry, with its alias.
+
+Aliases, not stages (deprecated): `register` sets `register.alias` (default `candidate`); moving
+`champion` is `pipeline.registry.promote`'s job. Packaging: `pipeline.registry.package`; version
+tags: `pipeline.registry.tags`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.core.layout import Layout
+from pipeline.core.records import (
+    DatasetStats,
+    Evaluation,
+    GeneratorRecord,
+    RegistryRecord,
+    TrainRun,
+)
+from pipeline.core.tracking import check_reachable
+from pipeline.models.dcgan import GeneratorSpec
+from pipeline.registry.package import find_version_by_weights, log_generator_model
+from pipeline.registry.tags import version_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What `register_generator` did: the version (new or existing) and its alias."""
+
+    record: RegistryRecord
+    created: bool
+
+    @property
+    def version(self) -> str:
+        """The registered version that holds the alias."""
+        return self.record.version
+
+    def __str__(self) -> str:
+        how = "new version" if self.created else "these weights were already registered"
+        r = self.record
+        return f"{r.name} version {r.version} ({how}) holds alias {r.alias!r}: {r.uri}"
+
+
+def open_registry(tracking_uri: str) -> MlflowClient:
+    """A client for `tracking_uri` (also made the process default, which `models:/` URIs use).
+
+    Raises UserError before any work when an http(s) server does not answer.
+    """
+    check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _check_training_run(client: MlflowClient, train_run: TrainRun, tracking_uri: str) -> str:
+    try:
+        client.get_run(train_run.mlflow_run_id)
+    except MlflowException as err:
+        raise UserError(
+            f"training run {train_run.mlflow_run_id} is not in the tracking store "
+            f"{tracking_uri} (train logged it to {train_run.tracking_uri}); set "
+            "mlflow.tracking_uri to that store"
+        ) from err
+    return train_run.mlflow_run_id
+
+
+def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Registration:
+    """Register the evaluated generator as `register.model_name`, alias `register.alias`.
+
+    Idempotent: a version that already holds these weights (by SHA-256) is reused, its tags
+    refreshed. Writes reports/registry.json.
+    """
+    name, alias = cfg.register.model_name, cfg.register.alias
+    generator = GeneratorRecord.load(layout)
+    weights = generator.verified_weights(layout)
+    evaluation = Evaluation.load(layout)
+    train_run = TrainRun.load(layout)
+    stats = DatasetStats.load(layout) if DatasetStats.exists(layout) else None
+    spec = GeneratorSpec.from_dict(generator.spec)
+
+    client = open_registry(tracking_uri)
+    run_id = _check_training_run(client, train_run, tracking_uri)
+    tags = version_tags(cfg, weights_sha256=generator.sha256, evaluation=evaluation,
+                        train_run=train_run, stats=stats, root=layout.root)
+    existing = find_version_by_weights(client, name, generator.sha256)
+    if existing is None:
+        log.info("logging the generator into training run %s", run_id)
+        info = log_generator_model(spec, weights, run_id)
+        # Tags at creation: a crash cannot leave a version without its weights hash.
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        created = True
+    else:
+        version = str(existing.version)
+        log.info("weights already registered as %s version %s; refreshing tags", name, version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        created = False
+    client.set_registered_model_alias(name, alias, version)
+    record = RegistryRecord(name=name, version=version, uri=f"models:/{name}/{version}",
+                            alias=alias)
+    record.save(layout)
+    log.info("%s version %s holds alias %r", name, version, alias)
+    return Registration(record, created)

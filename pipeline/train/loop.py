@@ -1,0 +1,394 @@
+"""The DCGAN training loop of one rank: pure torch, no files, no env vars, no Ray.
+
+Everything outside torch comes in through `LoopHooks` (wrap a model for DDP, persist a
+checkpoint, log rows, publish a grid, fault injection) and a `BatchSource`, so the same loop
+runs under Ray Train (`pipeline.train.ray_runner`), in a plain gloo process group, or in one
+process.
+
+Speed: no host sync per step. Losses and D outputs are summed on the device and read (one
+all-reduce, one copy) only every `train.log_every_steps`, at checkpoints and at the end; a
+non-finite loss is remembered on the device with its step and checked at those points, before
+any checkpoint is written, so the last checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.core.config import Config
+from pipeline.data.pixels import to_signed, to_uint8
+from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
+from pipeline.train import checkpoints
+from pipeline.train.collectives import all_gather, all_gather_hex
+from pipeline.train.sync_bn import convert_sync_batchnorm
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s")
+SAMPLE_GRID_SIZE = 64  # fixed-noise images per epoch grid (8 x 8)
+_NO_BAD_STEP = float("inf")
+
+# (epoch, skip_batches) -> exactly steps_per_epoch - skip_batches (images, labels) batches.
+BatchSource = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
+
+
+class LoopHooks(Protocol):
+    """What the loop needs from its runner (Ray Train in production)."""
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Move to the device and wrap for data parallelism (DDP) when world_size > 1."""
+
+    def before_step(self, step: int) -> None:
+        """Called before every step (1-based); fault injection lives here."""
+
+    def save_checkpoint(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        """Called on EVERY rank the same number of times; `state` is None except on rank 0."""
+
+    def log_rows(self, rows: list[dict[str, float]]) -> None:
+        """Rank 0: new train-log rows (batched: at epoch ends, checkpoints and the end)."""
+
+    def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
+        """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`."""
+
+
+@dataclass(frozen=True)
+class LoopEnv:
+    """Where this rank runs and how long the run is."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    steps_per_epoch: int
+
+
+@dataclass
+class LoopResult:
+    """What a finished (or stopped) run hands back; rank 0's is the one that counts."""
+
+    steps: int
+    images_seen: int
+    resumed_from_steps: list[int]
+    param_sha256_by_rank: list[str] = field(default_factory=list)
+    nonfinite_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def generator_spec(cfg: Config) -> GeneratorSpec:
+    """The generator shape a config asks for."""
+    return GeneratorSpec(cfg.model.nz, cfg.model.ngf, cfg.data.image_size, cfg.data.channels)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def param_sha256(*models: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in order: equal digests = bit-identical weights."""
+    digest = hashlib.sha256()
+    for model in models:
+        for param in unwrap(model).parameters():
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else (
+        contextlib.nullcontext()
+    )
+
+
+class TrainLoop:
+    """One rank's models, optimizers, RNGs and progress; `run()` trains to the end."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: LoopEnv,
+        hooks: LoopHooks,
+        resume_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg, self.env, self.hooks = cfg, env, hooks
+        train = cfg.train
+        self.total_steps = train.epochs * env.steps_per_epoch
+        self.global_batch = train.batch_size * env.world_size
+        self.autocast = torch.autocast(
+            device_type=env.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"
+        )
+        self.spec = generator_spec(cfg)
+
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+        torch.manual_seed(train.seed)
+        generator = build_generator(self.spec)
+        discriminator = build_discriminator(cfg.model.ndf, cfg.data.image_size, cfg.data.channels)
+        self.fixed_noise = torch.randn(
+            SAMPLE_GRID_SIZE, cfg.model.nz, generator=torch.Generator().manual_seed(train.seed)
+        )
+        # Each rank draws its own noise (its share of the global batch), reproducibly.
+        self.noise_rng = torch.Generator(device=env.device)
+        self.noise_rng.manual_seed(train.seed * 100_003 + env.rank)
+
+        self.step = 0
+        self.log_rows: list[dict[str, float]] = []
+        self.grids: list[torch.Tensor] = []
+        self.resumed_from_steps: list[int] = []
+        if resume_state is not None:
+            self._load_models(generator, discriminator, resume_state)
+
+        if train.sync_batchnorm and env.world_size > 1:
+            # Before DDP wrapping: DDP must see the final modules.
+            generator = convert_sync_batchnorm(generator, env.device)
+            discriminator = convert_sync_batchnorm(discriminator, env.device)
+        self.generator = hooks.wrap_model(generator)
+        self.discriminator = hooks.wrap_model(discriminator)
+        self.fixed_noise = self.fixed_noise.to(env.device)
+
+        betas = (train.beta1, train.beta2)
+        self.opt_g = torch.optim.Adam(
+            unwrap(self.generator).parameters(), lr=train.lr_g, betas=betas
+        )
+        self.opt_d = torch.optim.Adam(
+            unwrap(self.discriminator).parameters(), lr=train.lr_d, betas=betas
+        )
+        self.criterion = nn.BCEWithLogitsLoss()
+        if resume_state is not None:
+            self._load_progress(resume_state)
+
+        # On-device accumulators: sums of loss_d, loss_g, d_real, d_fake and the step count.
+        self.sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        self.first_bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.float64, device=env.device)
+        self.pending_rows: list[dict[str, float]] = []
+        self.window_started = time.perf_counter()
+        self.window_start_step = self.step
+
+    # --- resume ---------------------------------------------------------------------------------
+
+    def _load_models(self, generator: nn.Module, discriminator: nn.Module, state: dict) -> None:
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        self.fixed_noise = state["fixed_noise"].cpu()
+
+    def _load_progress(self, state: dict[str, Any]) -> None:
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.step = int(state["step"])
+        self.log_rows = list(state["log_rows"])
+        self.grids = list(state["grids"])
+        self.resumed_from_steps = [*state["resumed_from_steps"], self.step]
+        if int(state["world_size"]) == self.env.world_size:
+            own = checkpoints.rank_row(state["rng"], self.env.rank)
+            checkpoints.restore_rng(own, self.noise_rng)
+        else:
+            logger.warning(
+                "checkpoint has %s ranks, this run %s: noise streams restart from the seed",
+                state["world_size"], self.env.world_size,
+            )
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def train_step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
+        """One DCGAN update: D on real and on fake.detach(), then G with the non-saturating
+        loss BCE(D(G(z)), 1). Statistics accumulate on the device (no host sync)."""
+        generator, discriminator, criterion = self.generator, self.discriminator, self.criterion
+
+        # D: both forwards, ONE backward, so DDP all-reduces D's gradients once per step.
+        self.opt_d.zero_grad(set_to_none=True)
+        with self.autocast:
+            fake = generator(noise)
+            logits_real = discriminator(real)
+            logits_fake = discriminator(fake.detach())
+            loss_d = criterion(logits_real, torch.ones_like(logits_real)) + criterion(
+                logits_fake, torch.zeros_like(logits_fake)
+            )
+        loss_d.backward()
+        self.opt_d.step()
+
+        # G: D's weights need no gradient here; no_sync keeps DDP from all-reducing D.
+        self.opt_g.zero_grad(set_to_none=True)
+        d_params = list(unwrap(discriminator).parameters())
+        for param in d_params:
+            param.requires_grad_(False)
+        try:
+            with _no_sync(discriminator), self.autocast:
+                logits_gen = discriminator(fake)
+                loss_g = criterion(logits_gen, torch.ones_like(logits_gen))
+            loss_g.backward()
+        finally:
+            for param in d_params:
+                param.requires_grad_(True)
+        self.opt_g.step()
+
+        self.step += 1
+        with torch.no_grad():
+            losses = torch.stack([loss_d.detach(), loss_g.detach()]).double()
+            d_out = torch.stack(
+                [torch.sigmoid(logits_real.float()).mean(),
+                 torch.sigmoid(logits_fake.float()).mean()]
+            ).double()
+            self.sums += torch.cat([losses, d_out, losses.new_ones(1)])
+            finite = torch.isfinite(losses).all()
+            self.first_bad_step = torch.where(
+                finite, self.first_bad_step, self.first_bad_step.clamp(max=float(self.step))
+            )
+
+    # --- sync points ----------------------------------------------------------------------------
+
+    def _sync_window(self) -> int | None:
+        """Close the current log window: all-reduce the sums, append a log row, reset.
+        Returns the first step with a non-finite loss on any rank (None if all finite)."""
+        sums, first_bad = self.sums.clone(), self.first_bad_step.clone()
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        values = sums.tolist()  # the one host sync of the window
+        bad = float(first_bad)
+        elapsed = time.perf_counter() - self.window_started
+        steps = self.step - self.window_start_step
+        self.sums.zero_()
+        self.window_started, self.window_start_step = time.perf_counter(), self.step
+        if bad != _NO_BAD_STEP:
+            return int(bad)
+        count = values[4] or 1.0
+        row = {
+            "step": self.step,
+            "epoch": (self.step - 1) // self.env.steps_per_epoch + 1,
+            "loss_d": values[0] / count,
+            "loss_g": values[1] / count,
+            "d_real": values[2] / count,
+            "d_fake": values[3] / count,
+            "images_per_s": steps * self.global_batch / elapsed if elapsed > 0 else 0.0,
+        }
+        self.log_rows.append(row)
+        self.pending_rows.append(row)
+        if self.env.rank == 0:
+            logger.info(
+                "epoch %d/%d step %d/%d loss_d=%.4f loss_g=%.4f D(x)=%.3f D(G(z))=%.3f %.0f img/s",
+                row["epoch"], self.cfg.train.epochs, self.step, self.total_steps,
+                row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"], row["images_per_s"],
+            )
+        return None
+
+    def _flush_rows(self) -> None:
+        if self.env.rank == 0 and self.pending_rows:
+            self.hooks.log_rows(self.pending_rows)
+        self.pending_rows = []
+
+    def _epoch_grid(self, epoch: int) -> None:
+        """Rank 0: fixed-noise samples with the running BN statistics (eval mode: no
+        collective, no RNG draw, no buffer update, so resuming stays exact)."""
+        if self.env.rank != 0:
+            return
+        model = unwrap(self.generator)
+        model.eval()
+        with torch.no_grad(), self.autocast:
+            images = model(self.fixed_noise).float().clamp(-1, 1)
+        model.train()
+        self.grids.append(to_uint8(images).cpu())
+        self.hooks.publish_grid(epoch, self.step, images)
+
+    def snapshot(self, rng_by_rank: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The full train state (rank 0): plain state dicts, optimizers, progress, RNGs."""
+        return {
+            "format": checkpoints.FORMAT_VERSION,
+            "generator": {k: v.cpu() for k, v in unwrap(self.generator).state_dict().items()},
+            "discriminator": {
+                k: v.cpu() for k, v in unwrap(self.discriminator).state_dict().items()
+            },
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.env.steps_per_epoch,
+            "images_seen": self.step * self.global_batch,
+            "fixed_noise": self.fixed_noise.cpu(),
+            "rng": rng_by_rank,
+            "config": dataclasses.asdict(self.cfg),
+            "spec": self.spec.to_dict(),
+            "world_size": self.env.world_size,
+            "log_rows": list(self.log_rows),
+            "grids": list(self.grids),
+            "resumed_from_steps": list(self.resumed_from_steps),
+        }
+
+    def _gather_rng(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states, stacked by rank (a collective: all ranks call it)."""
+        local = checkpoints.capture_rng(self.noise_rng)
+        world_size = self.env.world_size
+        return {key: torch.stack(all_gather(value, world_size)) for key, value in local.items()}
+
+    def _checkpoint(self, extra_metrics: dict[str, Any]) -> None:
+        rng = self._gather_rng()
+        state = self.snapshot(rng) if self.env.rank == 0 else None
+        metrics = {"step": self.step, "images_seen": self.step * self.global_batch, **extra_metrics}
+        if self.log_rows:
+            metrics.update({k: v for k, v in self.log_rows[-1].items() if k not in metrics})
+        self.hooks.save_checkpoint(state, metrics)
+
+    def _digests(self) -> list[str]:
+        digest = param_sha256(self.generator, self.discriminator)
+        return all_gather_hex(digest, self.env.world_size)
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def _batches(self, source: BatchSource) -> Iterator[tuple[int, torch.Tensor]]:
+        """(epoch, images) from the current step to the end, resuming mid-epoch exactly."""
+        spe = self.env.steps_per_epoch
+        while self.step < self.total_steps:
+            epoch, skip = divmod(self.step, spe)
+            for images, _labels in source(epoch, skip):
+                yield epoch, images
+            if self.step % spe:
+                raise RuntimeError(
+                    f"batch source ended early in epoch {epoch + 1} at step {self.step}"
+                )
+
+    def run(self, source: BatchSource) -> LoopResult:
+        """Train from the current step to `epochs * steps_per_epoch`; checkpoint every
+        `checkpoint_every_steps` and at the end. Stops early (without checkpoint) on a
+        non-finite loss and says at which step in the result."""
+        train, spe, device = self.cfg.train, self.env.steps_per_epoch, self.env.device
+        batch_size, nz = train.batch_size, self.cfg.model.nz
+        if self.resumed_from_steps and self.env.rank == 0:
+            logger.info("resumed from checkpoint at step %d/%d", self.step, self.total_steps)
+        result = LoopResult(0, 0, self.resumed_from_steps)
+        for epoch, images in self._batches(source):
+            self.hooks.before_step(self.step + 1)
+            real = to_signed(images.to(device, non_blocking=True))
+            noise = torch.randn(batch_size, nz, device=device, generator=self.noise_rng)
+            self.train_step(real, noise)
+
+            step = self.step
+            at_end = step == self.total_steps
+            at_checkpoint = step % train.checkpoint_every_steps == 0 or at_end
+            at_epoch_end = step % spe == 0
+            if step % train.log_every_steps == 0 or at_checkpoint or at_epoch_end:
+                bad_step = self._sync_window()
+                if bad_step is not None:
+                    logger.error("non-finite loss at step %d: stopping", bad_step)
+                    result.nonfinite_step = bad_step
+                    break
+            if at_epoch_end:
+                self._epoch_grid(epoch + 1)
+            if at_checkpoint or at_epoch_end:
+                self._flush_rows()
+            if at_checkpoint:
+                digests = self._digests() if at_end else []
+                result.param_sha256_by_rank = digests
+                self._checkpoint({"params_identical": len(set(digests)) == 1} if at_end else {})
+
+        result.steps = self.step if result.nonfinite_step is None else result.nonfinite_step - 1
+        result.images_seen = result.steps * self.global_batch
+        result.resumed_from_steps = list(self.resumed_from_steps)
+        return result

@@ -1,0 +1,203 @@
+"""The one module that talks to Ray: connecting, TorchTrainer, and the per-worker glue.
+
+Driver (`connect_ray`, `check_cluster`, `fit`): joins the cluster of `RAY_ADDRESS` or of
+`ray job submit` (else starts Ray here), runs `TorchTrainer` (DDP ranks, retries with
+`FailureConfig`) and hands back the FINAL checkpoint's state, so outputs are written on the
+driver even when rank 0 ran on another node.
+
+Worker (`train_worker`): resumes from `ray.train.get_checkpoint()`, runs `loop.TrainLoop` with
+hooks that wrap models with `prepare_model`, report checkpoints on every rank, log to MLflow on
+rank 0 only, and fire the fault that the plan carries (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core import tracking
+from pipeline.core.config import Config
+from pipeline.core.errors import UserError
+from pipeline.data import loader
+from pipeline.data.grids import make_grid
+from pipeline.train import checkpoints
+from pipeline.train.collectives import all_gather_hex
+from pipeline.train.loop import LoopEnv, TrainLoop
+from pipeline.train.preflight import TrainPlan, WorkerPlan, check_resources, worker_plan
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_TO_KEEP = 2
+GRID_KEY = "samples"  # MLflow image key of the per-epoch grids
+GRID_COLUMNS = 8
+_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for its entrypoint
+
+
+# --- worker side ----------------------------------------------------------------------------------
+
+
+class RayHooks:
+    """`loop.LoopHooks` on Ray Train: DDP via prepare_model, checkpoints via report, MLflow on
+    rank 0, fault injection."""
+
+    def __init__(self, rank: int, plan: WorkerPlan) -> None:
+        self.rank = rank
+        self.plan = plan
+        self.fault_marker = Path(plan.fault_marker)
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from ray.train.torch import prepare_model
+
+        # Buffers are not re-broadcast before each forward: with several D forwards per
+        # backward that in-place broadcast breaks autograd (pytorch#22095), and SyncBatchNorm
+        # keeps the running statistics equal anyway. `forward_sync_buffers=False` (torch 2.13's
+        # name) still syncs buffers once at init, which we want: all ranks start equal.
+        return prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+
+    def before_step(self, step: int) -> None:
+        fault = self.plan.fault
+        if fault is None or not fault.is_due(step, self.rank, self.fault_marker):
+            return
+        import ray.train
+
+        # The controller registers a reported checkpoint at its next poll (~2 s later); wait
+        # for it, so "a crash after checkpoint N" always resumes from N, however fast steps are.
+        ray.train.get_all_reported_checkpoints(timeout_s=60)
+        fault.fire(step, self.rank, self.fault_marker)
+
+    def save_checkpoint(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="dcgan_ckpt_") as directory:
+            checkpoints.save_state(state, directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def log_rows(self, rows: list[dict[str, float]]) -> None:
+        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id, rows)
+
+    def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
+        grid = make_grid(images, nrow=GRID_COLUMNS)
+        tracking.log_image(self.plan.tracking_uri, self.plan.mlflow_run_id, grid, GRID_KEY, step)
+
+
+def train_worker(plan: WorkerPlan) -> dict[str, Any]:
+    """Ray Train's per-worker function: resume if there is a checkpoint, then train."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg: Config = plan.config
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = checkpoints.load_state(directory)
+
+    env = LoopEnv(rank, world_size, device, plan.steps_per_epoch)
+    loop = TrainLoop(cfg, env, RayHooks(rank, plan), state)
+    batches = loader.EpochLoader(
+        plan.urls,
+        batch_size=cfg.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_batches=plan.steps_per_epoch,
+        seed=cfg.train.seed,
+        loader_workers=cfg.train.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    outcome = loop.run(batches).to_dict()
+    node_id = ray.get_runtime_context().get_node_id()
+    outcome["worker_node_ids"] = all_gather_hex(node_id, world_size)
+    return outcome
+
+
+# --- driver side ----------------------------------------------------------------------------------
+
+
+def connect_ray() -> Any:
+    """Connect to the cluster of `RAY_ADDRESS` or of `ray job submit`; else start Ray here."""
+    import ray
+
+    if not ray.is_initialized():
+        external = os.environ.get("RAY_ADDRESS") or os.environ.get(_JOB_ENV)
+        # ray.init() reads RAY_ADDRESS itself; without it, it starts a local cluster (with its
+        # dashboard: Ray Train's placement-group cleaner polls the state API it serves).
+        ray.init(address="auto" if external and not os.environ.get("RAY_ADDRESS") else None)
+    return ray
+
+
+def check_cluster(cfg: Config) -> None:
+    """Connect, then UserError unless the cluster has the resources the workers reserve."""
+    check_resources(cfg, connect_ray().cluster_resources())
+
+
+def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = cfg.train
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=worker_plan(cfg, plan, run_name, run_id),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
+        ),
+    )
+    return trainer.fit()
+
+
+def _root_cause(err: BaseException) -> str:
+    """The most telling line of a worker-group error: the first `SomethingError: ...` line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (causes or lines or [type(err).__name__])[0]
+
+
+def fit(
+    cfg: Config, plan: TrainPlan, run_name: str, run_id: str
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Fit; return (final checkpoint state, rank 0's loop result, its path) or raise UserError."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    try:
+        result = _fit(cfg, plan, run_name, run_id)
+    except TrainingFailedError as err:
+        raise UserError(
+            f"training failed after {cfg.train.max_failures} restart(s): {_root_cause(err)} "
+            f"(checkpoints: {plan.storage_path}/{run_name})"
+        ) from err
+    outcome = result.return_value or {}
+    if outcome.get("nonfinite_step") is not None:
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise UserError(
+            f"loss became NaN/inf at step {outcome['nonfinite_step']}: training stopped; "
+            f"last good checkpoint: {last} (try lower train.lr_d/train.lr_g)"
+        )
+    if result.checkpoint is None:
+        raise UserError(f"training ended without a checkpoint ({plan.storage_path}/{run_name})")
+    with result.checkpoint.as_directory() as directory:
+        state = checkpoints.load_state(directory)
+    return state, outcome, result.checkpoint.path
+

@@ -1,0 +1,105 @@
+"""The `train` stage: preflight, the MLflow run, the Ray Train run, and the stage outputs
+(generator weights and record, training log, per-epoch grids, the train_run record) written
+from the final checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from typing import Any
+
+import torch
+
+from pipeline.core import tracking
+from pipeline.core.config import Config, to_flat_dict
+from pipeline.core.files import sha256_file
+from pipeline.core.layout import Layout
+from pipeline.core.records import GeneratorRecord, TrainRun
+from pipeline.data.grids import save_grid
+from pipeline.data.pixels import to_signed
+from pipeline.train import ray_runner
+from pipeline.train.loop import LOG_COLUMNS
+from pipeline.train.preflight import preflight
+
+logger = logging.getLogger(__name__)
+
+
+def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
+    """Stage outputs from a final checkpoint: generator weights + record, log CSV, grids."""
+    weights = layout.generator_weights
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state["generator"], weights)
+    record = GeneratorRecord(spec=state["spec"], steps=state["step"],
+                             images_seen=state["images_seen"], sha256=sha256_file(weights))
+    record.save(layout)
+
+    layout.train_log.parent.mkdir(parents=True, exist_ok=True)
+    with layout.train_log.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows({key: row[key] for key in LOG_COLUMNS} for row in state["log_rows"])
+
+    grids_dir = layout.train_grids_dir
+    for old in grids_dir.glob("epoch_*.png"):
+        old.unlink()  # a shorter rerun must not leave grids of epochs it never had
+    for epoch, pixels in enumerate(state["grids"], start=1):
+        save_grid(to_signed(pixels), grids_dir / f"epoch_{epoch:03d}.png",
+                  nrow=ray_runner.GRID_COLUMNS)
+    return record
+
+
+def train(cfg: Config, layout: Layout) -> TrainRun:
+    """The train stage: preflight, Ray Train run, outputs; returns the train_run record."""
+    plan = preflight(cfg, layout)
+    ray_runner.check_cluster(cfg)
+    run_id, experiment_id = tracking.start_run(
+        plan.tracking_uri, cfg.mlflow.experiment, to_flat_dict(cfg),
+        tags={"stage": "train", "world_size": str(cfg.train.num_workers)},
+    )
+    run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
+    tracking.set_tags(plan.tracking_uri, run_id, {"ray_run_name": run_name})
+    logger.info(
+        "training %d epochs x %d steps on %d worker(s); MLflow run %s; Ray run %s",
+        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, run_name,
+    )
+    started = time.perf_counter()
+    try:
+        state, outcome, final_checkpoint = ray_runner.fit(cfg, plan, run_name, run_id)
+    except BaseException:
+        tracking.end_run(plan.tracking_uri, run_id, "FAILED")
+        raise
+    generator = write_outputs(state, layout)
+    elapsed_s = time.perf_counter() - started
+    rows = state["log_rows"]
+    record = TrainRun(
+        mlflow_run_id=run_id,
+        mlflow_experiment_id=experiment_id,
+        tracking_uri=plan.tracking_uri,
+        ray_run_name=run_name,
+        ray_storage_path=plan.storage_path,
+        final_checkpoint=final_checkpoint,
+        steps=state["step"],
+        epochs=cfg.train.epochs,
+        steps_per_epoch=plan.steps_per_epoch,
+        images_seen=state["images_seen"],
+        world_size=cfg.train.num_workers,
+        generator_sha256=generator.sha256,
+        wall_s=round(elapsed_s, 1),
+        worker_node_ids=outcome.get("worker_node_ids", []),
+        resumed_from_steps=outcome["resumed_from_steps"],
+        params_identical_across_ranks=len(set(outcome["param_sha256_by_rank"])) == 1,
+        final_loss_d=rows[-1]["loss_d"] if rows else None,
+        final_loss_g=rows[-1]["loss_g"] if rows else None,
+        mean_images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
+    )
+    record_path = record.save(layout)
+    tracking.log_artifact(plan.tracking_uri, run_id, record_path)
+    # Under `ray job submit` the local outputs vanish with the job; the run keeps the generator
+    # at the same relative paths, so `mlflow artifacts download -a models -d .` restores them.
+    for output in (layout.generator_weights, layout.generator_record):
+        tracking.log_artifact(plan.tracking_uri, run_id, output, "models")
+    tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
+    logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
+                elapsed_s, layout.generator_weights, run_id)
+    return record

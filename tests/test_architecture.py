@@ -1,0 +1,89 @@
+"""The package layout holds: each layer imports only the layers below it, and no module
+imports itself back through others (DESIGN.md: core <- data/models <- train/evaluate <-
+registry <- cli <- stages)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "pipeline"
+# What each subpackage may import (besides itself).
+ALLOWED = {
+    "core": set(),
+    "data": {"core"},
+    "models": {"core"},
+    "train": {"core", "data", "models"},
+    "evaluate": {"core", "data", "models"},
+    "registry": {"core", "data", "models"},
+    "cli": {"core"},  # the sub-commands import the others late, inside their handlers
+}
+LATE_IMPORTS_OK = {"cli": {"registry"}}
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts): path
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported pipeline module or name, at module level?) for every import in `path`."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        found += [(name, id(node) in top_level) for name in names if name.startswith("pipeline.")]
+    return found
+
+
+def test_every_subpackage_says_what_it_is_for():
+    for package in ALLOWED:
+        init = PACKAGE / package / "__init__.py"
+        docstring = ast.get_docstring(ast.parse(init.read_text()))
+        assert docstring and len(docstring.splitlines()) <= 2, init
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_no_module_imports_a_higher_layer(module):
+    own = module.split(".")[1] if module.count(".") >= 2 else None
+    if own is None:  # pipeline/__init__.py, pipeline/__main__.py
+        return
+    for name, at_top in _imports(_modules()[module]):
+        other = name.split(".")[1]
+        allowed = ALLOWED[own] | {own} | (set() if at_top else LATE_IMPORTS_OK.get(own, set()))
+        assert other in allowed, f"{module} imports {name}: {own} may not import {other}"
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {
+        module: {
+            target for name, _ in _imports(path)
+            for target in (name, name.rsplit(".", 1)[0]) if target in modules
+        }
+        for module, path in modules.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for target in graph[module]:
+            if state.get(target) == 1:
+                raise AssertionError(" -> ".join([*trail, module, target]))
+            if target not in state:
+                visit(target, [*trail, module])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
