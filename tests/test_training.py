@@ -196,7 +196,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
 ):
     """One worker on CPU, crashed at step 15 and resumed from the (mid-epoch) checkpoint at
     10, ends with the very bits of the same loop run straight through without Ray."""
-    from pipeline.data import loader
+    from pipeline.data.cache import training_batches
     from pipeline.data.reader import shard_urls
 
     cfg = ray_config(mnist_shards, tmp_path, **{
@@ -211,9 +211,10 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     straight = training.TrainLoop(
         cfg, training.LoopEnv(0, 1, torch.device("cpu"), resumed["steps_per_epoch"]), LocalHooks()
     )
-    straight.run(lambda epoch, skip: loader.train_batches(
-        urls, batch_size=128, rank=0, world_size=1, num_batches=35, seed=cfg.train.seed,
-        epoch=epoch, skip_batches=skip, loader_workers=cfg.train.loader_workers,
+    straight.run(training_batches(
+        urls, cache=cfg.train.data_cache, split_shape=(4500, 1, 32, 32), batch_size=128, rank=0,
+        world_size=1, num_batches=35, seed=cfg.train.seed, device=torch.device("cpu"),
+        decode_processes=1, loader_workers=cfg.train.loader_workers,
     ))
 
     final = checkpoints.load_state(resumed["final_checkpoint"])

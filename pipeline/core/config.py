@@ -107,7 +107,11 @@ class TrainConfig:
     checkpoint_every_steps: int = param(100, at_least(1), "steps between checkpoints")
     log_every_steps: int = param(10, at_least(1), "steps between logged metrics")
     max_failures: int = param(2, at_least(0), "worker-group restarts Ray attempts")
-    loader_workers: int = param(1, at_least(0), "DataLoader processes per worker")
+    data_cache: str = param(
+        "auto", one_of("auto", "device", "host", "stream"),
+        "where each worker keeps the decoded train split; auto = device, else host, else stream",
+    )
+    loader_workers: int = param(1, at_least(0), "DataLoader processes per worker (stream only)")
     seed: int = param(0, at_least(0), "seed of weights, noise and shuffling")
     storage_path: str = param("", doc="Ray checkpoint storage; '' = .ray_storage in the repo")
     shards: str = param("", doc="shard directory or fsspec URL; '' = data/shards")

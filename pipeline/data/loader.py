@@ -63,8 +63,7 @@ def check_plan(urls: list[str], world_size: int, loader_workers: int) -> None:
         raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
 
 
-# --- reading one shard --------------------------------------------------------------------------
-
+# --- batches ------------------------------------------------------------------------------------
 
 
 def _collate(decoded: list[tuple[np.ndarray, int | None]], with_labels: bool) -> Batch:
@@ -172,7 +171,7 @@ class EpochLoader:
     """One rank's training batches, epoch by epoch: `loader(epoch, skip_batches=0)` yields
     exactly `num_batches - skip_batches` shuffled batches of that epoch.
 
-    Images are float32 (B, C, H, W) in [-1, 1]; labels int64 (B,) or None. Deterministic for
+    Images are uint8 (B, C, H, W); labels int64 (B,) or None. Deterministic for
     (seed, rank, epoch, loader_workers); batches differ between ranks and epochs. Asked for
     consecutive epochs, as training does, the `loader_workers` processes start once and serve
     them all; any other epoch, or `persistent=False`, starts fresh ones. `pin_memory` pins

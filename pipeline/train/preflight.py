@@ -22,6 +22,7 @@ class TrainPlan:
     """What preflight established on the driver."""
 
     urls: list[str]
+    split_shape: tuple[int, int, int, int]  # (train samples, C, H, W)
     steps_per_epoch: int
     tracking_uri: str
     storage_path: str
@@ -34,6 +35,7 @@ class WorkerPlan:
 
     config: Config
     urls: list[str]
+    split_shape: tuple[int, int, int, int]
     steps_per_epoch: int
     tracking_uri: str
     mlflow_run_id: str
@@ -74,17 +76,18 @@ def preflight(cfg: Config, layout: Layout) -> TrainPlan:
     loader.check_plan(urls, train.num_workers, train.loader_workers)
     stats = DatasetStats.load(layout)
     stats.check_shape(cfg.data.image_size, cfg.data.channels, "train")
-    steps_per_epoch = loader.steps_per_epoch(
-        stats.split_samples("train"), train.batch_size, train.num_workers
-    )
+    samples = stats.split_samples("train")
+    steps_per_epoch = loader.steps_per_epoch(samples, train.batch_size, train.num_workers)
+    split_shape = (samples, stats.channels, stats.image_size, stats.image_size)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow, layout.root)
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
-    return TrainPlan(urls, steps_per_epoch, tracking_uri, storage_path(cfg, layout), fault)
+    return TrainPlan(urls, split_shape, steps_per_epoch, tracking_uri, storage_path(cfg, layout),
+                     fault)
 
 
 def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> WorkerPlan:
     """The plan every worker of run `run_name` receives."""
     marker = Path(plan.storage_path) / run_name / "fault_injected"
-    return WorkerPlan(cfg, plan.urls, plan.steps_per_epoch, plan.tracking_uri, run_id,
-                      plan.fault, str(marker))
+    return WorkerPlan(cfg, plan.urls, plan.split_shape, plan.steps_per_epoch, plan.tracking_uri,
+                      run_id, plan.fault, str(marker))

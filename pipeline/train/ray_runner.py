@@ -24,7 +24,7 @@ import torch
 from pipeline.core import tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
-from pipeline.data import loader
+from pipeline.data.cache import training_batches
 from pipeline.data.grids import make_grid
 from pipeline.train import checkpoints
 from pipeline.train.collectives import all_gather_hex
@@ -110,15 +110,11 @@ def train_worker(plan: WorkerPlan) -> dict[str, Any]:
 
     env = LoopEnv(rank, world_size, device, plan.steps_per_epoch)
     loop = TrainLoop(cfg, env, RayHooks(rank, plan), state)
-    batches = loader.EpochLoader(
-        plan.urls,
-        batch_size=cfg.train.batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_batches=plan.steps_per_epoch,
-        seed=cfg.train.seed,
-        loader_workers=cfg.train.loader_workers,
-        pin_memory=device.type == "cuda",
+    batches = training_batches(
+        plan.urls, cache=cfg.train.data_cache, split_shape=plan.split_shape,
+        batch_size=cfg.train.batch_size, rank=rank, world_size=world_size,
+        num_batches=plan.steps_per_epoch, seed=cfg.train.seed, device=device,
+        decode_processes=cfg.train.cpus_per_worker, loader_workers=cfg.train.loader_workers,
     )
     outcome = loop.run(batches).to_dict()
     node_id = ray.get_runtime_context().get_node_id()
