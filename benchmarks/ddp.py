@@ -2,8 +2,8 @@
 
 All sides train the same global batch (2 x train.batch_size) for the same number of steps:
   plain_1x2     `PlainDCGAN`, one process, 2 torch threads (the reference)
-  gloo_2x1      the plain loop in 2 gloo processes, DDP + the product's CPU SyncBatchNorm:
-                what DDP itself costs, without Ray
+  gloo_2x1      the plain loop in 2 gloo processes, DDP + the product's CPU SyncBatchNorm and
+                its shared-memory all-reduces: what DDP itself costs, without Ray
   ray_2x1       the product: `pipeline.train.stage.train`, num_workers=2, cpus_per_worker=1
   ray_1x2       the product: num_workers=1, cpus_per_worker=2
 Product runs are real stage runs (Ray Train, DDP, shards from `prepare`, MLflow on SQLite,
@@ -41,6 +41,7 @@ from devtools.gloo import run_gloo_ranks
 from pipeline.core.layout import Layout
 from pipeline.train import ray_runner
 from pipeline.train import stage as train_stage
+from pipeline.train.shm_allreduce import register_ddp_hook
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
 GOAL = 0.9
@@ -75,7 +76,9 @@ def _plain_ddp_rank(rank: int, world_size: int, global_batch: int, steps: int) -
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         model = convert_sync_batchnorm(model, torch.device("cpu"))
-        return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        register_ddp_hook(ddp)
+        return ddp
 
     plain = PlainDCGAN(cfg, wrap=wrap)
     pool = random_batches(4, batch, 32, 1, seed=rank)

@@ -1,7 +1,7 @@
 """DVC stage `classifier`: train the domain classifier, FID's feature extractor.
 
 Trains a small CNN on the labelled train shards, checks it on val (>= classifier.min_val_accuracy)
-and writes models/classifier/{weights.pt,spec.json} and reports/metrics/classifier.json. For
+and writes models/classifier/{weights.pt,spec.json} and metrics/classifier.json. For
 unlabelled data it writes only spec.json saying why (evaluate then uses Inception weights, if
 present).
 Usage: python stages/classifier.py [-S classifier.epochs=6]

@@ -2,7 +2,7 @@
 
 Generates eval.num_samples images from models/generator.pt, measures them against the real
 train split with the extractor eval.feature_extractor picks (auto: Inception weights if present,
-else the domain classifier), writes reports/evaluation.json, reports/metrics/evaluate.json,
+else the domain classifier), writes reports/evaluation.json, metrics/evaluate.json,
 samples.png, interpolation.png and reals.png, and logs everything to the training's MLflow run.
 Usage: python stages/evaluate.py [-S eval.num_samples=1000] [-S eval.feature_extractor=inception]
 """

@@ -1,7 +1,7 @@
 """DVC stage `prepare`: images (mnist5k, a directory or an archive) -> WebDataset shards.
 
 Writes data/shards/{train,val}-NNNNNN.tar, data/manifest.parquet, data/stats.json and
-reports/metrics/prepare.json.
+metrics/prepare.json.
 Usage: python stages/prepare.py [-S data.source=path/to/images] [-S data.image_size=64]
 """
 

@@ -118,6 +118,7 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():
 
 def ray_config(mnist_shards: Path, tmp_path: Path, **overrides: object) -> Config:
     cfg = tiny_config(**{
+        "train.cpus_per_worker": 1,  # the test cluster has 4 logical CPUs on 2 cores
         "train.shards": str(mnist_shards / "data" / "shards"),
         "train.storage_path": str(tmp_path / "ray_storage"),
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -230,18 +231,19 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
 
 
 def test_missing_shards_fail_in_one_line_before_ray(tmp_path):
-    from pipeline.train.preflight import preflight
+    from pipeline.train.preflight import check_inputs
 
     cfg = tiny_config(**{"train.shards": str(tmp_path / "nowhere")})
     with pytest.raises(UserError, match="no train shards") as caught:
-        preflight(cfg, Layout(tmp_path))
+        check_inputs(cfg, Layout(tmp_path))
     assert "\n" not in str(caught.value)
 
 
 def test_too_many_cpus_per_worker_fail_before_any_worker(ray_cluster, mnist_shards, tmp_path):
     from pipeline.train.stage import train
 
-    cfg = ray_config(mnist_shards, tmp_path, **{"train.cpus_per_worker": 64})
+    cfg = ray_config(mnist_shards, tmp_path, **{"train.num_workers": 2,
+                                                "train.cpus_per_worker": 64})
     with pytest.raises(UserError, match="Ray has 4 CPUs, train needs 128"):
         train(cfg, layout_with_stats(mnist_shards, tmp_path))
     assert not (tmp_path / "ray_storage").exists()
@@ -279,3 +281,24 @@ def test_param_digest_sees_a_single_changed_bit():
     with torch.no_grad():
         model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(1.0))
     assert training.param_sha256(model) != before
+
+
+def test_auto_workers_follow_the_nodes_and_keep_explicit_values():
+    from pipeline.train.preflight import NodeResources, resolve_workers
+
+    train = tiny_config().train
+    assert (train.num_workers, train.cpus_per_worker) == (0, 0)  # the default: auto
+    one_box = [NodeResources(cpus=2, gpus=0)]
+    resolved, reason = resolve_workers(train, one_box)
+    assert (resolved.num_workers, resolved.cpus_per_worker) == (1, 2) and "auto" in reason
+    two_nodes = [NodeResources(cpus=8, gpus=0), NodeResources(cpus=4, gpus=0)]
+    resolved, _ = resolve_workers(train, two_nodes)
+    assert (resolved.num_workers, resolved.cpus_per_worker) == (2, 4)
+    gpu_node = [NodeResources(cpus=16, gpus=8), NodeResources(cpus=4, gpus=0)]
+    resolved, _ = resolve_workers(tiny_config(**{"train.use_gpu": "true"}).train, gpu_node)
+    assert (resolved.num_workers, resolved.cpus_per_worker) == (8, 2)
+    explicit = tiny_config(**{"train.num_workers": 3}).train
+    resolved, _ = resolve_workers(explicit, one_box)
+    assert (resolved.num_workers, resolved.cpus_per_worker) == (3, 1)  # 3 ranks share 2 CPUs
+    with pytest.raises(UserError, match="no node with a GPU"):
+        resolve_workers(tiny_config(**{"train.use_gpu": "true"}).train, one_box)

@@ -93,9 +93,13 @@ class ModelConfig:
 class TrainConfig:
     """`train`: Ray Train DDP training."""
 
-    num_workers: int = param(2, at_least(1), "Ray Train workers (DDP ranks)")
+    num_workers: int = param(
+        0, at_least(0), "Ray Train workers (DDP ranks); 0 = auto: one per GPU, else per node"
+    )
     use_gpu: bool = param(False, doc="one GPU per worker, NCCL; else CPU and gloo")
-    cpus_per_worker: int = param(1, at_least(1), "CPUs Ray reserves per worker; torch threads")
+    cpus_per_worker: int = param(
+        0, at_least(0), "CPUs (torch threads) per worker; 0 = auto: its node's share"
+    )
     batch_size: int = param(64, at_least(1), "images per worker per step")
     epochs: int = param(5, at_least(1), "passes over the train split (global batch)")
     lr_g: float = param(2e-4, between(0.0, 1.0, low_open=True), "Adam lr of the generator")

@@ -29,7 +29,7 @@ INTERPOLATION_GRID = Path("reports/interpolation.png")
 REALS_GRID = Path("reports/reals.png")
 REGISTRY_RECORD = Path("reports/registry.json")
 # `dvc metrics show` reads these: only numbers people compare across experiments.
-METRICS_DIR = Path("reports/metrics")
+METRICS_DIR = Path("metrics")
 # Outside every DVC `outs`: DVC deletes outs before a stage reruns, Ray checkpoints must survive.
 RAY_STORAGE_DIR = Path(".ray_storage")
 FEATURE_CACHE_DIR = Path(".cache/features")
@@ -49,7 +49,7 @@ class Layout:
         return self.root / relative
 
     def metrics(self, stage: str) -> Path:
-        """The metrics file of `stage` (reports/metrics/<stage>.json)."""
+        """The metrics file of `stage` (metrics/<stage>.json)."""
         return self.root / METRICS_DIR / f"{stage}.json"
 
     @property

@@ -5,7 +5,7 @@ missing or stale file into one `UserError` line naming the stage to rerun, `save
 Files pinned by a hash (generator and classifier weights) are verified in one place,
 `verify_sha256`. Records hold plain JSON values; the layers above turn them into models.
 
-What people compare lives in `metrics()` (reports/metrics/<stage>.json, `dvc metrics show`);
+What people compare lives in `metrics()` (metrics/<stage>.json, `dvc metrics show`);
 ids, hashes, paths and per-class counts stay in the record itself.
 """
 
@@ -142,13 +142,7 @@ class DatasetStats(Record):
             )
 
     def metrics(self) -> dict[str, Any]:
-        return {
-            "images_found": self.images_found,
-            "train_samples": self.split_samples("train"),
-            "val_samples": self.split_samples("val"),
-            "skipped": self.skipped_total,
-            "num_classes": self.num_classes or 0,
-        }
+        return {"skipped": self.skipped_total}
 
 
 @dataclass(frozen=True)
@@ -201,10 +195,7 @@ class ClassifierRecord(Record):
         return layout.classifier_weights
 
     def metrics(self) -> dict[str, Any]:
-        if self.skipped:
-            return {"skipped": True}
-        return {"val_accuracy": self.val_accuracy, "val_samples": self.val_samples,
-                "epochs": self.epochs, "train_seconds": self.train_seconds}
+        return {"val_accuracy": self.val_accuracy}  # None (null) when skipped
 
 
 @dataclass(frozen=True)
@@ -235,11 +226,11 @@ class TrainRun(Record):
     mean_images_per_s: float | None = None
 
     def metrics(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps, "images_seen": self.images_seen, "world_size": self.world_size,
-            "images_per_s": round(self.mean_images_per_s or 0.0, 1), "wall_s": self.wall_s,
-            "final_loss_d": self.final_loss_d, "final_loss_g": self.final_loss_g,
-        }
+        return {"steps": self.steps, "images_per_s": round(self.mean_images_per_s or 0.0, 1),
+                "wall_s": self.wall_s}
+
+
+COMPARED_SCORE_PREFIXES = ("fid_", "kid_", "class_coverage")
 
 
 @dataclass(frozen=True)
@@ -264,8 +255,12 @@ class Evaluation(Record):
     class_metrics_skipped_reason: str | None = None
 
     def metrics(self) -> dict[str, Any]:
+        """FID/KID and their floors, class coverage and the collapse verdict (the full scores
+        stay in the record and the MLflow run)."""
+        compared = {key: value for key, value in self.scores.items()
+                    if key.startswith(COMPARED_SCORE_PREFIXES) and not key.endswith("_std")}
         collapse = {} if self.mode_collapse is None else {"mode_collapse": self.mode_collapse}
-        return {**self.scores, **collapse}
+        return {**compared, **collapse}
 
 
 @dataclass(frozen=True)

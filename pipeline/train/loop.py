@@ -31,6 +31,7 @@ from pipeline.data.pixels import to_signed, to_uint8
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
 from pipeline.train import checkpoints
 from pipeline.train.collectives import all_gather, all_gather_hex
+from pipeline.train.shm_allreduce import register_ddp_hook
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ class TrainLoop:
             discriminator = convert_sync_batchnorm(discriminator, env.device)
         self.generator = hooks.wrap_model(generator)
         self.discriminator = hooks.wrap_model(discriminator)
+        if env.device.type == "cpu" and env.world_size > 1:
+            # Ranks on one machine average gradients through shared memory, not gloo's TCP.
+            register_ddp_hook(self.generator)
+            register_ddp_hook(self.discriminator)
         self.fixed_noise = self.fixed_noise.to(env.device)
 
         betas = (train.beta1, train.beta2)

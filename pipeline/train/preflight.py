@@ -1,14 +1,17 @@
-"""Every check of the train stage that needs no worker, cheapest first, and the typed plan the
-workers receive. Each failure is one UserError line, before any worker starts."""
+"""Every check of the train stage that needs no worker, cheapest first, the choice of workers
+when `train.num_workers` / `train.cpus_per_worker` are 0 (auto), and the typed plan the workers
+receive. Each failure is one UserError line, before any worker starts."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core import tracking
-from pipeline.core.config import Config
+from pipeline.core.config import Config, TrainConfig
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
 from pipeline.core.records import DatasetStats
@@ -68,22 +71,74 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
         )
 
 
-def preflight(cfg: Config, layout: Layout) -> TrainPlan:
-    """Shards and their plan for the world size, the data's shape, the MLflow store, the
-    fault spec. (The cluster's resources are checked by the Ray adapter, which connects.)"""
+@dataclass(frozen=True)
+class Inputs:
+    """What the cheap checks established, before Ray is asked for anything."""
+
+    urls: list[str]
+    split_shape: tuple[int, int, int, int]  # (train samples, C, H, W)
+    tracking_uri: str
+    storage_path: str
+    fault: FaultSpec | None
+
+
+def check_inputs(cfg: Config, layout: Layout) -> Inputs:
+    """Shards, the data's shape, the MLflow store, the fault spec: all before Ray starts."""
     train = cfg.train
     urls = shard_urls("train", layout.shards(train.shards))
-    loader.check_plan(urls, train.num_workers, train.loader_workers)
+    loader.check_plan(urls, max(train.num_workers, 1), train.loader_workers)
     stats = DatasetStats.load(layout)
     stats.check_shape(cfg.data.image_size, cfg.data.channels, "train")
-    samples = stats.split_samples("train")
-    steps_per_epoch = loader.steps_per_epoch(samples, train.batch_size, train.num_workers)
-    split_shape = (samples, stats.channels, stats.image_size, stats.image_size)
+    split_shape = (stats.split_samples("train"), stats.channels, stats.image_size,
+                   stats.image_size)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow, layout.root)
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
-    return TrainPlan(urls, split_shape, steps_per_epoch, tracking_uri, storage_path(cfg, layout),
-                     fault)
+    return Inputs(urls, split_shape, tracking_uri, storage_path(cfg, layout), fault)
+
+
+def make_plan(cfg: Config, inputs: Inputs) -> TrainPlan:
+    """The run's plan once the number of workers is known (`resolve_workers`)."""
+    train = cfg.train
+    loader.check_plan(inputs.urls, train.num_workers, train.loader_workers)
+    steps_per_epoch = loader.steps_per_epoch(inputs.split_shape[0], train.batch_size,
+                                             train.num_workers)
+    return TrainPlan(inputs.urls, inputs.split_shape, steps_per_epoch, inputs.tracking_uri,
+                     inputs.storage_path, inputs.fault)
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What one alive Ray node offers."""
+
+    cpus: float
+    gpus: float
+
+
+def resolve_workers(train: TrainConfig, nodes: list[NodeResources]) -> tuple[TrainConfig, str]:
+    """`train` with `num_workers` and `cpus_per_worker` made explicit, and why.
+
+    0 means auto. With GPUs: one worker per GPU, each with its node's CPUs shared among that
+    node's GPUs. On CPUs: one worker per node, using all of the node's CPUs as torch threads:
+    on a 2-core machine 1 x 2 trains at 0.98 of a plain loop, 2 x 1 under Ray at 0.82
+    (BENCHMARKS.md, "CPU pace"). Explicit values are kept.
+    """
+    if train.num_workers and train.cpus_per_worker:
+        return train, "as set in params"
+    key = "GPU" if train.use_gpu else "CPU"
+    usable = [n for n in nodes if (n.gpus if train.use_gpu else n.cpus) >= 1]
+    if not usable:
+        raise UserError(f"the Ray cluster has no node with a {key}: cannot choose workers "
+                        "(set train.num_workers and train.cpus_per_worker)")
+    workers = train.num_workers or (sum(int(n.gpus) for n in usable) if train.use_gpu
+                                    else len(usable))
+    per_node = math.ceil(workers / len(usable))
+    if train.use_gpu:
+        per_node = max(per_node, max(int(n.gpus) for n in usable))
+    cpus = train.cpus_per_worker or max(1, min(int(n.cpus) for n in usable) // per_node)
+    nodes_text = ", ".join(f"{n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in usable)
+    reason = f"auto: {workers} worker(s) x {cpus} CPU(s) for {len(usable)} node(s) ({nodes_text})"
+    return dataclasses.replace(train, num_workers=workers, cpus_per_worker=cpus), reason
 
 
 def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> WorkerPlan:

@@ -1,6 +1,6 @@
 """The one module that talks to Ray: connecting, TorchTrainer, and the per-worker glue.
 
-Driver (`connect_ray`, `check_cluster`, `fit`): joins the cluster of `RAY_ADDRESS` or of
+Driver (`connect_ray`, `resolve_cluster`, `fit`): joins the cluster of `RAY_ADDRESS` or of
 `ray job submit` (else starts Ray here), runs `TorchTrainer` (DDP ranks, retries with
 `FailureConfig`) and hands back the FINAL checkpoint's state, so outputs are written on the
 driver even when rank 0 ran on another node.
@@ -12,6 +12,7 @@ rank 0 only, and fire the fault that the plan carries (tests).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -29,7 +30,14 @@ from pipeline.data.grids import make_grid
 from pipeline.train import checkpoints
 from pipeline.train.collectives import all_gather_hex
 from pipeline.train.loop import LoopEnv, TrainLoop
-from pipeline.train.preflight import TrainPlan, WorkerPlan, check_resources, worker_plan
+from pipeline.train.preflight import (
+    NodeResources,
+    TrainPlan,
+    WorkerPlan,
+    check_resources,
+    resolve_workers,
+    worker_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +145,18 @@ def connect_ray() -> Any:
     return ray
 
 
-def check_cluster(cfg: Config) -> None:
-    """Connect, then UserError unless the cluster has the resources the workers reserve."""
-    check_resources(cfg, connect_ray().cluster_resources())
+def resolve_cluster(cfg: Config) -> Config:
+    """Connect; make auto (0) workers and CPUs explicit from the alive nodes (logged); then
+    UserError unless the cluster has the resources the workers reserve."""
+    ray = connect_ray()
+    nodes = [NodeResources(node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0))
+             for node in ray.nodes() if node.get("Alive")]
+    train, reason = resolve_workers(cfg.train, nodes)
+    logger.info("train: %d worker(s) x %d CPU(s)%s (%s)", train.num_workers,
+                train.cpus_per_worker, " + 1 GPU" if train.use_gpu else "", reason)
+    cfg = dataclasses.replace(cfg, train=train)
+    check_resources(cfg, ray.cluster_resources())
+    return cfg
 
 
 def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:

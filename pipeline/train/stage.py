@@ -20,7 +20,7 @@ from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
 from pipeline.train import ray_runner
 from pipeline.train.loop import LOG_COLUMNS
-from pipeline.train.preflight import preflight
+from pipeline.train.preflight import check_inputs, make_plan
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
 
 def train(cfg: Config, layout: Layout) -> TrainRun:
     """The train stage: preflight, Ray Train run, outputs; returns the train_run record."""
-    plan = preflight(cfg, layout)
-    ray_runner.check_cluster(cfg)
+    inputs = check_inputs(cfg, layout)  # the cheap checks, before Ray starts
+    cfg = ray_runner.resolve_cluster(cfg)
+    plan = make_plan(cfg, inputs)
     run_id, experiment_id = tracking.start_run(
         plan.tracking_uri, cfg.mlflow.experiment, to_flat_dict(cfg),
         tags={"stage": "train", "world_size": str(cfg.train.num_workers)},

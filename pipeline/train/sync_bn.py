@@ -18,6 +18,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pipeline.train.shm_allreduce import channel_for
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Sum `tensor` over `group` in place: through shared memory when every rank of the
+    group is on this machine (see `shm_allreduce`), else through the group's backend."""
+    channel = channel_for(group) if tensor.device.type == "cpu" else None
+    if channel is not None and channel.fits(tensor):
+        channel.all_reduce(tensor)
+    else:
+        dist.all_reduce(tensor, group=group)
+
 
 def _is_synchronized(process_group: dist.ProcessGroup | None) -> bool:
     """True when a process group of more than one rank is there to synchronise with."""
@@ -49,7 +61,7 @@ def _global_batch_stats(
             mean_local.new_full((1,), count_local),
         ]
     )
-    dist.all_reduce(totals, group=group)
+    all_reduce(totals, group)
     channels = x.size(1)
     count = round(totals[2 * channels].item())
     if count <= 1:
@@ -88,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if needs_input:
             totals = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(totals, group=ctx.group)
+            all_reduce(totals, ctx.group)
             mean_dy, mean_dy_xhat = (totals / ctx.count).chunk(2)
             w_invstd = scale * torch.rsqrt(var + ctx.eps)
             # dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)): the terms in x as
