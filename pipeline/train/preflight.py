@@ -137,7 +137,7 @@ def resolve_workers(train: TrainConfig, nodes: list[NodeResources]) -> tuple[Tra
         per_node = max(per_node, max(int(n.gpus) for n in usable))
     cpus = train.cpus_per_worker or max(1, min(int(n.cpus) for n in usable) // per_node)
     nodes_text = ", ".join(f"{n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in usable)
-    reason = f"auto: {workers} worker(s) x {cpus} CPU(s) for {len(usable)} node(s) ({nodes_text})"
+    reason = f"auto, from {len(usable)} node(s) with {nodes_text}"
     return dataclasses.replace(train, num_workers=workers, cpus_per_worker=cpus), reason
 
 
