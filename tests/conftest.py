@@ -112,9 +112,11 @@ def dataset_stats(**overrides) -> DatasetStats:
 
 
 def copy_repo(target: Path) -> Path:
-    """Copy the repository's source (no venv, data or outputs) to `target` for stage runs."""
+    """Copy the repository's source (no git, venv, data or outputs) to `target` for stage runs.
+    Never its `.git`: in a git worktree that is a file pointing at the main repository, and a
+    `git init` + commit in the copy would then commit to the worktree's branch."""
     top_level = {"data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
-                 ".ray_storage", ".cache", ".venv", ".whl"}
+                 ".ray_storage", ".cache", ".venv", ".whl", ".git"}
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache")
 
     def ignore(folder: str, names: list[str]) -> set[str]:

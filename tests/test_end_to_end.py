@@ -35,7 +35,6 @@ def _git(repo: Path, *args: str) -> None:
 def _fresh_repo(target: Path) -> Path:
     """A copy of the repo as its own git repo (one commit), with TINY_PARAMS in params.yaml."""
     repo = copy_repo(target)
-    shutil.rmtree(repo / ".git", ignore_errors=True)
     shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
