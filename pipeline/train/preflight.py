@@ -27,6 +27,7 @@ class TrainPlan:
     tracking_uri: str
     storage_path: str
     fault: FaultSpec | None
+    dataset_sha256: str  # of the shards data/stats.json describes: import-run checks it
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def preflight(cfg: Config, layout: Layout) -> TrainPlan:
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
     return TrainPlan(urls, split_shape, steps_per_epoch, tracking_uri, storage_path(cfg, layout),
-                     fault)
+                     fault, stats.dataset_sha256)
 
 
 def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> WorkerPlan:
