@@ -38,14 +38,14 @@ bench: $(STAMP)
 # A Ray cluster on this host (README, "Running on a Ray cluster"): a head and NODES-1 workers,
 # token authentication; its token, cluster.env and logs in .ray_cluster/. cluster-down stops
 # exactly those nodes (never `ray stop`: it would kill every Ray of this user on the host).
-# The venv is made if missing, never refreshed here: starting a cluster installs nothing.
+# The venv is made when no `ray` is on PATH (.venv/bin comes first), never refreshed here.
 NODES ?= 1
 CPUS_PER_NODE ?= 0
 CLUSTER_HOST ?= 127.0.0.1
 CLUSTER_PORT ?= 6379
 CLUSTER_DASHBOARD_PORT ?= 8265
 cluster-up:
-	@test -x $(VENV)/bin/ray || $(MAKE) venv
+	@command -v ray >/dev/null || $(MAKE) venv
 	python deploy/cluster.py up --nodes $(NODES) --cpus-per-node $(CPUS_PER_NODE) \
 		--host $(CLUSTER_HOST) --port $(CLUSTER_PORT) --dashboard-port $(CLUSTER_DASHBOARD_PORT)
 

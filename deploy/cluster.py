@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,8 +123,9 @@ def _processes() -> dict[int, tuple[int, str, str]]:
 
 
 def cluster_processes(roots: Iterable[int], temp_root: str) -> set[tuple[int, str]]:
-    """(pid, start ticks) of the node processes, all their descendants (Ray renames its workers
-    `ray::...`, so only the tree finds them) and any process naming the cluster's temp root."""
+    """(pid, start ticks) of the node processes and all their descendants (Ray renames its
+    workers `ray::...`, so only the tree finds them), plus orphans naming the cluster's temp
+    root (Ray processes whose parent died before them; not, say, a `tail -f` of their log)."""
     table = _processes()
     tree: set[int] = set()
     frontier = [pid for pid in roots if pid in table]
@@ -132,8 +133,9 @@ def cluster_processes(roots: Iterable[int], temp_root: str) -> set[tuple[int, st
         tree.update(frontier)
         frontier = [pid for pid, (ppid, _, _) in table.items()
                     if ppid in frontier and pid not in tree]
-    named = {pid for pid, (_, _, cmdline) in table.items() if temp_root in cmdline}
-    return {(pid, table[pid][1]) for pid in tree | named}
+    orphans = {pid for pid, (ppid, _, cmdline) in table.items()
+               if ppid == 1 and temp_root in cmdline}
+    return {(pid, table[pid][1]) for pid in tree | orphans}
 
 
 def _alive(processes: set[tuple[int, str]]) -> list[int]:
@@ -143,15 +145,14 @@ def _alive(processes: set[tuple[int, str]]) -> list[int]:
 
 
 def _stop_node(node: Node) -> None:
-    """SIGTERM to `ray start --block` (it stops the processes it started), then SIGKILL to
-    whatever is left of its process group."""
-    if _is_ours(node):
-        os.kill(node.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while _is_ours(node) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    """SIGTERM to a live `ray start --block` (it stops the processes it started), then SIGKILL
+    to whatever is left of its process group (its own session: nobody else is in it)."""
+    os.kill(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _is_ours(node) and time.monotonic() < deadline:
+        time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(node.pid, signal.SIGKILL)  # its own session: the group is ours alone
+        os.killpg(node.pid, signal.SIGKILL)
 
 
 # --- ray ----------------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ def _start_node(name: str, args: list[str], state: State, state_dir: Path,
     return node
 
 
-def _wait(what: str, ready, state: State, timeout_s: float = START_TIMEOUT_S) -> None:
+def _wait(what: str, ready: Callable[[], bool], state: State,
+          timeout_s: float = START_TIMEOUT_S) -> None:
     """Poll `ready()` until true; ClusterError with the node's output when a node exits."""
     deadline = time.monotonic() + timeout_s
     while not ready():
@@ -289,12 +291,9 @@ def _wait(what: str, ready, state: State, timeout_s: float = START_TIMEOUT_S) ->
                 raise ClusterError(f"node {node.name} exited while waiting for {what}; its "
                                    f"output ({node.log}):\n{_tail(node.log)}")
         if time.monotonic() > deadline:
-            raise ClusterError(f"{what} not within {timeout_s:.0f} s; see {state_dir_logs(state)}")
+            logs = ", ".join(node.log for node in state.nodes)
+            raise ClusterError(f"{what} not within {timeout_s:.0f} s; see {logs}")
         time.sleep(1.0)
-
-
-def state_dir_logs(state: State) -> str:
-    return ", ".join(node.log for node in state.nodes)
 
 
 def _check_not_running(state_dir: Path) -> None:
@@ -371,9 +370,9 @@ def join(args: argparse.Namespace) -> State:
 def stop(state: State, state_dir: Path) -> list[int]:
     """Stop the recorded nodes (workers first) and every process they left; returns the pids
     that could not be stopped (empty: all gone)."""
-    started = cluster_processes([node.pid for node in state.nodes if _is_ours(node)],
-                                state.temp_root)
-    for node in reversed(state.nodes):
+    live = [node for node in state.nodes if _is_ours(node)]
+    started = cluster_processes([node.pid for node in live], state.temp_root)
+    for node in reversed(live):  # workers first, then the head
         _stop_node(node)
     leftovers = set(started) | cluster_processes([], state.temp_root)
     for pid in _alive(leftovers):
@@ -404,7 +403,7 @@ def down(args: argparse.Namespace) -> None:
           f"no process of the cluster is left")
 
 
-def _report(state: State, state_dir: Path, what: str) -> None:
+def _report(state: State, state_dir: Path, what: str, stop_with: str) -> None:
     env_file = state_dir / "cluster.env"
     print(f"""{what}
   head (GCS)   {state.head}
@@ -417,7 +416,7 @@ In every shell that uses the cluster:
 then submit with `ray job submit --address "$CLUSTER_DASHBOARD" --working-dir . -- ...`.
 Another host joins with (the token exported there first):
   python deploy/cluster.py join {state.head} --host <that host's address>
-Stop: make cluster-down   (stops these nodes only)""")
+Stop: {stop_with}   (stops these nodes only)""")
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -467,11 +466,13 @@ def _up(args: argparse.Namespace) -> None:
         args.cpus_per_node = max(1, (os.cpu_count() or 1) // args.nodes)  # share this host
     state = up(args)
     _report(state, args.state_dir,
-            f"Ray cluster up: {args.nodes} node(s) on this host, token authentication.")
+            f"Ray cluster up: {args.nodes} node(s) on this host, token authentication.",
+            "make cluster-down")
 
 
 def _join(args: argparse.Namespace) -> None:
-    _report(join(args), args.state_dir, f"worker node joined {args.head}.")
+    _report(join(args), args.state_dir, f"worker node joined {args.head}.",
+            "python deploy/cluster.py down")
 
 
 def _env(args: argparse.Namespace) -> None:

@@ -65,13 +65,13 @@ class Cluster:
 
 def _cluster_repo(target: Path, mnist_shards: Path) -> Path:
     """A fresh clone where `dvc repro prepare` already ran (the shards of mnist_shards, which
-    prepare makes byte-identical, recorded with `dvc commit`), and .venv is the test's venv."""
+    prepare makes byte-identical, recorded with `dvc commit`). The venv's tools come first on
+    PATH (`stage_env`), as after `source .venv/bin/activate`."""
     repo = fresh_git_repo(target, CLUSTER_PARAMS)
     shutil.copytree(mnist_shards / "data", repo / "data", dirs_exist_ok=True)
     (repo / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
     shutil.copy(mnist_shards / "reports" / "metrics" / "prepare.json",
                 repo / "reports" / "metrics" / "prepare.json")
-    (repo / ".venv").symlink_to(VENV_BIN.parent)  # what `make venv` made: `make` finds it
     result = subprocess.run(["dvc", "commit", "--force", "prepare"], cwd=repo,
                             env=stage_env(repo), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

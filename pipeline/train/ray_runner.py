@@ -1,4 +1,4 @@
-"""The one module that talks to Ray: connecting, TorchTrainer, and the per-worker glue.
+"""The one module that runs Ray Train: TorchTrainer and the per-worker glue.
 
 Driver (`check_cluster`, `fit`): joins the cluster (`connect`), runs `TorchTrainer` (DDP ranks,
 retries with `FailureConfig`) and hands back the FINAL checkpoint's state, so outputs are
