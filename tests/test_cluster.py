@@ -17,6 +17,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,12 +139,14 @@ def _stage_lines(output: str, stage: str) -> bool:
 # --- the recipe ---------------------------------------------------------------------------------
 
 
-def test_readme_recipe_trains_on_two_nodes_then_dvc_evaluates_and_registers(readme_cluster):
+def test_readme_recipe_trains_on_two_nodes_then_dvc_evaluates_and_registers(readme_cluster,
+                                                                            tmp_path):
     """The README's job block as written: the job trains one worker per node, import-run
     brings its result into the clone and dvc.lock, and `dvc repro` evaluates and registers it
     (into the run that trained it) without training again."""
     from mlflow import MlflowClient
 
+    from pipeline.core.files import sha256_file
     from pipeline.core.layout import Layout
     from pipeline.core.records import GeneratorRecord, RegistryRecord, TrainRun
     from pipeline.train import checkpoints
@@ -196,6 +199,34 @@ def test_readme_recipe_trains_on_two_nodes_then_dvc_evaluates_and_registers(read
     status = subprocess.run(["dvc", "status"], cwd=cluster.repo, env=cluster.env,
                             capture_output=True, text=True, timeout=300)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
+
+    # MLflow's own download, as the README writes it: the generator, and no stray mlflow.db.
+    download = _readme_line("mlflow artifacts download").replace(
+        "http://<mlflow-server>:5000", cluster.mlflow).replace("<run id>", run.info.run_id)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(["bash", "-c", download], cwd=elsewhere, env=cluster.env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sha256_file(elsewhere / "models" / "generator.pt") == train_run.generator_sha256
+    assert not (elsewhere / "mlflow.db").exists()
+
+
+def _readme_line(starting: str) -> str:
+    """The README's command (inline code, maybe wrapped over lines) that contains `starting`."""
+    from readme_helpers import README
+
+    text = " ".join(README.read_text().split())
+    start = text.index(starting)
+    begin = text.rindex("`", 0, start) + 1
+    return text[begin:text.index("`", start)]
+
+
+def test_cluster_env_prints_what_cluster_env_holds(readme_cluster):
+    result = subprocess.run(["python", "deploy/cluster.py", "env"], cwd=readme_cluster.repo,
+                            env=readme_cluster.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (readme_cluster.repo / ".ray_cluster" / "cluster.env").read_text()
 
 
 def test_dashboard_listens_on_the_cluster_host_only(readme_cluster):
@@ -300,6 +331,32 @@ def test_failed_job_names_the_workers_error_and_the_logs_command(readme_cluster,
     logs = subprocess.run(shlex.split(logs_command), env=cluster.env, capture_output=True,
                           text=True, timeout=120)
     assert logs.returncode == 0 and "InjectedFaultError" in logs.stdout, logs.stderr[-2000:]
+
+
+def test_a_node_of_another_host_joins_and_leaves(readme_cluster, tmp_path):
+    """The README's several-hosts recipe, on this host: with the head's token exported,
+    `deploy/cluster.py join <head>` adds a node, and its `down` takes exactly that one away."""
+    cluster = readme_cluster
+    other_host = {**cluster.env, "CLUSTER_STATE_DIR": str(tmp_path / "other_host")}
+    script = str(cluster.repo / "deploy" / "cluster.py")
+    joined = subprocess.run(["python", script, "join", cluster.head, "--cpus-per-node", "1"],
+                            env=other_host, capture_output=True, text=True, timeout=300)
+    try:
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert f"worker node joined {cluster.head}" in joined.stdout
+        _wait_for_nodes(cluster, 3)
+    finally:
+        down = subprocess.run(["python", script, "down"], env=other_host, capture_output=True,
+                              text=True, timeout=300)
+    assert down.returncode == 0 and down.stdout.startswith("stopped worker;"), down.stdout
+    _wait_for_nodes(cluster, 2)  # the README's two nodes live on
+
+
+def _wait_for_nodes(cluster: Cluster, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(alive := _alive_node_ids(cluster)) != count:
+        assert time.monotonic() < deadline, f"{len(alive)} nodes ALIVE, expected {count}"
+        time.sleep(2)
 
 
 # --- fast: the shard URL a cluster reads --------------------------------------------------------
