@@ -58,7 +58,7 @@ def _job_outputs(root: Path, dataset_sha256: str) -> Layout:
 
 
 def _log_run(store: str, tmp_path: Path, status: str = "FINISHED", job: str | None = None,
-             dataset_sha256: str = "d" * 64, damage: bool = False) -> str:
+             dataset_sha256: str = "d" * 64, damage: bool = False, older: bool = False) -> str:
     """A train run as the stage logs it (params of the job, its outputs by `keep_outputs`)."""
     overrides = [f"{key}={value}" for key, value in JOB_OVERRIDES.items()]
     params = to_flat_dict(load_config(REPO_ROOT / "params.yaml", overrides))
@@ -74,7 +74,12 @@ def _log_run(store: str, tmp_path: Path, status: str = "FINISHED", job: str | No
              ray_job_submission_id=job).save(job_dir)
     if damage:  # an upload that went wrong: the weights no longer match their record
         job_dir.generator_weights.write_bytes(b"truncated")
-    keep_outputs(store, run_id, job_dir)
+    if older:  # what the train stage logged before import-run: no log, no grids
+        tracking.log_artifact(store, run_id, job_dir.train_run)
+        for path in (job_dir.generator_weights, job_dir.generator_record):
+            tracking.log_artifact(store, run_id, path, "models")
+    else:
+        keep_outputs(store, run_id, job_dir)
     tracking.end_run(store, run_id, status)
     return run_id
 
@@ -122,8 +127,9 @@ def test_a_run_is_found_by_the_job_that_ran_it(store, tmp_path):
         ({"dataset_sha256": "e" * 64}, "trained on dataset eeeeeeeeeeee, but .* describes "
                                        "dddddddddddd"),
         ({"status": "FAILED"}, "is FAILED, not FINISHED"),
+        ({"older": True}, "has no artifact reports/train_log.csv"),
     ],
-    ids=["damaged generator", "other data", "unfinished run"],
+    ids=["damaged generator", "other data", "unfinished run", "older train stage"],
 )
 def test_a_run_that_fails_a_check_changes_nothing(store, tmp_path, run, message):
     layout = _workspace(tmp_path / "repo")
@@ -150,3 +156,17 @@ def test_the_record_of_a_run_keeps_what_import_needs():
            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     record = TrainRun.from_dict(old)
     assert record.dataset_sha256 is None and record.ray_job_submission_id is None
+
+
+def test_every_refusal_is_a_row_of_the_troubleshooting_table(store, tmp_path):
+    from readme_helpers import assert_in_troubleshooting
+
+    layout = _workspace(tmp_path / "repo")
+    for run in ({"dataset_sha256": "e" * 64}, {"status": "RUNNING"}, {"older": True}):
+        with pytest.raises(UserError) as refused:
+            import_run(layout, store, _log_run(store, tmp_path, **run), commit=False)
+        assert_in_troubleshooting(str(refused.value))
+    for uri, run_id in ((store, "0" * 32), (f"sqlite:///{tmp_path / 'none.db'}", "0" * 32)):
+        with pytest.raises(UserError) as refused:
+            import_run(layout, uri, run_id, commit=False)
+        assert_in_troubleshooting(str(refused.value))

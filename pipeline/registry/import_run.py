@@ -123,13 +123,16 @@ def download(client: Any, run_id: str, staging: Path) -> Layout:
         with tempfile.TemporaryDirectory(dir=staging) as scratch:
             try:
                 fetched = Path(client.download_artifacts(run_id, artifact, scratch))
-            except (MlflowException, OSError) as err:
-                raise UserError(f"run {run_id} has no artifact {artifact} ({type(err).__name__})"
-                                ": it was not logged by this version of the train stage; "
-                                "train again") from None
-            if not fetched.exists() or (fetched.is_dir() and not any(fetched.iterdir())):
-                raise UserError(f"run {run_id} has no artifact {artifact}: it was not logged by "
-                                "this version of the train stage; train again")
+            except (MlflowException, OSError):
+                fetched = None
+            if fetched is None or not fetched.exists() or (
+                fetched.is_dir() and not any(fetched.iterdir())
+            ):
+                raise UserError(
+                    f"run {run_id} has no artifact {artifact}: a train stage older than "
+                    "import-run logged it; train again (`mlflow artifacts download` still "
+                    "fetches its models/)"
+                )
             shutil.move(fetched, target)
     return Layout(staging)
 
