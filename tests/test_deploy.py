@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT, VENV_BIN
+from readme_helpers import assert_in_troubleshooting
 
 from pipeline.core.config import describe, load_config
 
@@ -163,6 +164,7 @@ def test_cluster_up_refuses_a_port_in_use_before_starting_anything(tmp_path):
         "CLUSTER_PORT, CLUSTER_DASHBOARD_PORT)"
     ]
     assert not (tmp_path / "cluster.json").exists()
+    assert_in_troubleshooting(result.stderr.strip())
 
 
 def test_cluster_down_and_env_without_a_cluster(tmp_path):
