@@ -112,8 +112,12 @@ def dataset_stats(**overrides) -> DatasetStats:
 
 
 def copy_repo(target: Path) -> Path:
-    """Copy the repository's source (no venv, data or outputs) to `target` for stage runs."""
-    top_level = {"data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
+    """Copy the repository's source (no git, venv, data or outputs) to `target` for stage runs.
+
+    Never `.git`: in a git worktree it is a file naming the worktree's git dir, and git or DVC
+    run in the copy would commit to the worktree's branch, write the shared git config and
+    apply `dvc exp run` results to the worktree's files."""
+    top_level = {".git", "data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
                  ".ray_storage", ".ray_cluster", ".cache", ".venv", ".whl"}
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache")
 
@@ -139,7 +143,7 @@ def fresh_git_repo(target: Path, params: dict[str, dict] | None = None) -> Path:
     import yaml
 
     repo = copy_repo(target)
-    shutil.rmtree(repo / ".git", ignore_errors=True)
+    assert not (repo / ".git").exists()  # a repository of its own (see copy_repo)
     shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
     tree = yaml.safe_load((repo / "params.yaml").read_text())
