@@ -6,7 +6,10 @@ without train): tests/test_cluster.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,26 @@ def test_every_refusal_is_a_row_of_the_troubleshooting_table(store, tmp_path):
         with pytest.raises(UserError) as refused:
             import_run(layout, uri, run_id, commit=False)
         assert_in_troubleshooting(str(refused.value))
+
+
+def test_the_command_says_what_came_in_and_what_changed(store, tmp_path):
+    """`python -m pipeline import-run <run id>` as a user types it (here without dvc.lock)."""
+    layout = _workspace(tmp_path / "repo")
+    run_id = _log_run(store, tmp_path)
+    command = [sys.executable, "-m", "pipeline", "import-run", "--tracking-uri", store,
+               "--params", str(layout.path("params.yaml"))]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([*command, run_id, "--no-dvc-commit"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"imported run {run_id} (17 steps on 2 worker(s); generator "
+                               "SHA-256 ")
+    assert "  models/generator.pt" in lines and "  reports/train_log.csv" in lines
+    assert "params.yaml: train.epochs: 20 -> 1 (what the run trained with)" in lines
+    assert lines[-1].startswith("not recorded in dvc.lock (--no-dvc-commit)")
+
+    neither = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert neither.returncode == 1
+    assert neither.stderr.splitlines() == ["error: give a run id or --job SUBMISSION_ID (one "
+                                           "of the two)"]
