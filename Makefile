@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test test-fast lint bench
+.PHONY: venv repro test test-fast lint bench cluster-up cluster-down
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
@@ -34,3 +34,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.run_all
+
+# A Ray cluster on this host (README, "Running on a Ray cluster"): a head and NODES-1 workers,
+# token authentication; its token, cluster.env and logs in .ray_cluster/. cluster-down stops
+# exactly those nodes (never `ray stop`: it would kill every Ray of this user on the host).
+# The venv is made when no `ray` is on PATH (.venv/bin comes first), never refreshed here.
+NODES ?= 1
+CPUS_PER_NODE ?= 0
+CLUSTER_HOST ?= 127.0.0.1
+CLUSTER_PORT ?= 6379
+CLUSTER_DASHBOARD_PORT ?= 8265
+cluster-up:
+	@command -v ray >/dev/null || $(MAKE) venv
+	python deploy/cluster.py up --nodes $(NODES) --cpus-per-node $(CPUS_PER_NODE) \
+		--host $(CLUSTER_HOST) --port $(CLUSTER_PORT) --dashboard-port $(CLUSTER_DASHBOARD_PORT)
+
+cluster-down:
+	python3 deploy/cluster.py down

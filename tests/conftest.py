@@ -28,7 +28,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 # The integration tier: whatever needs Ray, an MLflow server, DVC or a trained classifier.
-SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "featurized_repo", "two_node_cluster"}
+SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "featurized_repo", "readme_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -113,10 +113,12 @@ def dataset_stats(**overrides) -> DatasetStats:
 
 def copy_repo(target: Path) -> Path:
     """Copy the repository's source (no git, venv, data or outputs) to `target` for stage runs.
-    Never its `.git`: in a git worktree that is a file pointing at the main repository, and a
-    `git init` + commit in the copy would then commit to the worktree's branch."""
-    top_level = {"data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
-                 ".ray_storage", ".cache", ".venv", ".whl", ".git"}
+
+    Never `.git`: in a git worktree it is a file naming the worktree's git dir, and git or DVC
+    run in the copy would commit to the worktree's branch, write the shared git config and
+    apply `dvc exp run` results to the worktree's files."""
+    top_level = {".git", "data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
+                 ".ray_storage", ".ray_cluster", ".cache", ".venv", ".whl"}
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache")
 
     def ignore(folder: str, names: list[str]) -> set[str]:
@@ -128,6 +130,32 @@ def copy_repo(target: Path) -> Path:
 
     shutil.copytree(REPO_ROOT, target, ignore=ignore, dirs_exist_ok=True)
     return target
+
+
+def git(repo: Path, *args: str) -> None:
+    """Run `git ARGS` in `repo`; fail on error."""
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def fresh_git_repo(target: Path, params: dict[str, dict] | None = None) -> Path:
+    """A copy of the repo as its own git repo (one commit), params.yaml sections updated with
+    `params`: what a user has after a clone."""
+    import yaml
+
+    repo = copy_repo(target)
+    assert not (repo / ".git").exists()  # a repository of its own (see copy_repo)
+    shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
+    shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
+    tree = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in (params or {}).items():
+        tree[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "e2e@example.invalid")
+    git(repo, "config", "user.name", "e2e")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny pipeline")
+    return repo
 
 
 # --- data (issue 2) -----------------------------------------------------------------------------

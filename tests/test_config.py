@@ -51,3 +51,32 @@ def test_bad_key_in_params_file_is_reported(repo, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: data.seed: must be >= 0, got -1"
     ], result.stderr
+
+
+def test_set_params_keeps_the_file_as_people_wrote_it(repo, tmp_path):
+    """import-run sets keys in params.yaml: comments, order and quoting stay, and the values
+    read back with their types (a float like 1e-05 too, which PyYAML reads as text)."""
+    from pipeline.core.config import from_logged_text, load_config, set_params
+
+    params = tmp_path / "params.yaml"
+    original = (repo / "params.yaml").read_text()
+    params.write_text(original)
+    logged = {"train.lr_g": "1e-05", "train.epochs": "3", "train.use_gpu": "True",
+              "mlflow.tracking_uri": "http://127.0.0.1:5000"}
+    cfg = set_params(params, {key: from_logged_text(key, text) for key, text in logged.items()})
+    assert (cfg.train.lr_g, cfg.train.epochs, cfg.train.use_gpu) == (1e-05, 3, True)
+    assert load_config(params) == cfg
+    pairs = zip(original.splitlines(), params.read_text().splitlines(), strict=True)
+    changed = [(old, new) for old, new in pairs if old != new]
+    assert len(changed) == 4  # those four lines, nothing else: comments and quotes stay
+    assert all("#" in new for old, new in changed if "#" in old)
+
+
+@pytest.mark.parametrize(("key", "text"), [("train.epochs", "2.5"), ("train.use_gpu", "yes"),
+                                           ("train.epoch", "1")])
+def test_logged_text_of_the_wrong_type_or_key_is_refused(key, text):
+    from pipeline.core.config import from_logged_text
+    from pipeline.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        from_logged_text(key, text)

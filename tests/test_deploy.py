@@ -4,15 +4,19 @@ storage every pod mounts, and the README's params reference is the code's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO_ROOT, VENV_BIN
+from readme_helpers import assert_in_troubleshooting
 
 from pipeline.core.config import describe, load_config
 
@@ -137,3 +141,50 @@ def test_readme_params_reference_matches_the_code():
 
 if __name__ == "__main__":
     print(params_table(), end="")
+
+
+# --- deploy/cluster.py: the cluster recipe (the cluster itself: tests/test_cluster.py) ----------
+
+
+def _cluster_py(state_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "deploy" / "cluster.py"),
+                           "--state-dir", str(state_dir), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cluster_up_refuses_a_port_in_use_before_starting_anything(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cluster_py(tmp_path, "up", "--nodes", "2", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: 127.0.0.1:{port} (port) is in use: pick another with --port (make: "
+        "CLUSTER_PORT, CLUSTER_DASHBOARD_PORT)"
+    ]
+    assert not (tmp_path / "cluster.json").exists()
+    assert_in_troubleshooting(result.stderr.strip())
+
+
+def test_cluster_down_and_env_without_a_cluster(tmp_path):
+    down = _cluster_py(tmp_path, "down")
+    assert down.returncode == 0 and "nothing to stop" in down.stdout
+    env = _cluster_py(tmp_path, "env")
+    assert env.returncode == 1 and env.stderr.startswith("error: no cluster started from")
+
+
+def test_cluster_token_is_private_and_kept(tmp_path, monkeypatch):
+    """The token file only its owner reads; the next start reuses it; an exported one wins."""
+    spec = importlib.util.spec_from_file_location("cluster", REPO_ROOT / "deploy" / "cluster.py")
+    cluster = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cluster", cluster)  # dataclasses look their module up
+    spec.loader.exec_module(cluster)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    with pytest.raises(cluster.ClusterError, match="export RAY_AUTH_TOKEN"):
+        cluster.cluster_token(tmp_path, create=False)  # `join` never invents one
+    token = cluster.cluster_token(tmp_path, create=True)
+    assert len(token) == 64 and (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+    assert cluster.cluster_token(tmp_path, create=True) == token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "exported")
+    assert cluster.cluster_token(tmp_path, create=False) == "exported"

@@ -1,4 +1,4 @@
-"""Operations outside the DAG: `python -m pipeline promote|sample|compare ... [--help]`.
+"""Operations outside the DAG: `python -m pipeline promote|sample|compare|import-run ...`.
 
 Each command talks to the MLflow store named by --tracking-uri (default: `mlflow.tracking_uri`
 of params.yaml, see `pipeline.core.tracking.resolve_tracking_uri`); an unreachable server is a
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.cli.stage import run_stage
 from pipeline.core.config import PARAMS_FILE, Config, load_config
+from pipeline.core.errors import UserError
 from pipeline.core.tracking import check_reachable, resolve_tracking_uri
 
 
@@ -81,8 +82,34 @@ def _compare(args: argparse.Namespace, tracking_uri: str) -> None:
     print(f"wrote {args.out}" + (f" and {args.table}" if args.table else ""))
 
 
+def _import_run(args: argparse.Namespace, tracking_uri: str) -> None:
+    from pipeline.core.layout import Layout
+    from pipeline.registry.import_run import import_run
+
+    if bool(args.run_id) == bool(args.job):
+        raise UserError("give a run id or --job SUBMISSION_ID (one of the two)")
+    layout = Layout(Path(args.params).resolve().parent)
+    done = import_run(layout, tracking_uri, args.run_id, args.job, commit=not args.no_dvc_commit)
+    run = done.train_run
+    job = f", job {run.ray_job_submission_id}" if run.ray_job_submission_id else ""
+    print(f"imported run {done.run_id} ({run.steps} steps on {run.world_size} worker(s){job}; "
+          f"generator SHA-256 {run.generator_sha256[:12]} checked) from {tracking_uri}:")
+    for path in done.files:
+        print(f"  {path.relative_to(layout.root)}")
+    for key, (was, now) in done.params_changed.items():
+        print(f"params.yaml: {key}: {was!r} -> {now!r} (what the run trained with)")
+    for key, (here, theirs) in done.params_kept.items():
+        print(f"params.yaml: {key}: kept {here!r} (the cluster's was {theirs!r}; the data is the "
+              "same, checked by hash)")
+    if done.dvc_committed:
+        print("dvc.lock: the train stage records these outputs and params; `dvc repro` goes on "
+              "with evaluate and register without training")
+    else:
+        print("not recorded in dvc.lock (--no-dvc-commit): `dvc commit --force train` does it")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m pipeline` parser with its three sub-commands."""
+    """The `python -m pipeline` parser with its four sub-commands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
@@ -165,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     compare.set_defaults(handler=_compare)
+
+    imports = commands.add_parser(
+        "import-run",
+        parents=[common],
+        help="bring a train run's outputs (e.g. of `ray job submit`) into the workspace and "
+        "dvc.lock",
+        description="Fetch a finished train run's generator, records, log and grids from the "
+        "tracking store into models/ and reports/, check them by SHA-256 and the data by its "
+        "hash, set params.yaml's train-stage keys to the run's (except train.shards and "
+        "train.storage_path), and record it all with `dvc commit --force train`: `dvc repro` "
+        "then runs evaluate and register without training again.",
+    )
+    imports.add_argument("run_id", nargs="?", default="", help="the MLflow run id")
+    imports.add_argument(
+        "--job", default="", help="instead of a run id: the `ray job submit` submission id"
+    )
+    imports.add_argument(
+        "--no-dvc-commit", action="store_true", help="fetch and check only; leave dvc.lock"
+    )
+    imports.set_defaults(handler=_import_run)
     return parser
 
 

@@ -306,3 +306,60 @@ def describe(cls: type = Config, prefix: str = "") -> Iterable[tuple[str, Any, s
         check: Check | None = f.metadata.get("check")
         allowed = check.allowed if check else kind.__name__
         yield prefix + f.name, f.default, allowed, f.metadata.get("doc", "")
+
+
+def parameter_types(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Dotted key -> Python type (bool, int, float or str) of every parameter."""
+    hints = get_type_hints(cls)
+    types: dict[str, type] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            types.update(parameter_types(kind, f"{prefix}{f.name}."))
+        else:
+            types[prefix + f.name] = kind
+    return types
+
+
+def from_logged_text(key: str, text: str) -> Any:
+    """The value of `key` from its text as MLflow logged it (`str(value)`); ConfigError when
+    the key is unknown or the text is not of its type."""
+    kind = parameter_types().get(key)
+    if kind is None:
+        raise ConfigError(f"{key}: unknown key")
+    try:
+        if kind is bool:
+            if text not in ("True", "False"):
+                raise ValueError(text)
+            return text == "True"
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a {kind.__name__}") from None
+
+
+def _yaml_float(value: float) -> str:
+    """`value` as YAML text that PyYAML also reads as a float: `1e-05` is a string to YAML 1.1
+    (it wants a dot in the mantissa), `1.0e-05` is not."""
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def set_params(params_path: str | Path, values: Mapping[str, Any]) -> Config:
+    """Set dotted keys in a params file, keeping its comments, order and quoting (what
+    `dvc exp run -S` does to params.yaml); returns the file's validated config afterwards."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round trip
+    rt.preserve_quotes = True
+    rt.representer.add_representer(
+        float, lambda rep, v: rep.represent_scalar("tag:yaml.org,2002:float", _yaml_float(v))
+    )
+    path = Path(params_path)
+    tree = rt.load(path)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    rt.dump(tree, path)
+    return load_config(path)

@@ -224,6 +224,8 @@ class TrainRun(Record):
     final_loss_d: float | None = None
     final_loss_g: float | None = None
     mean_images_per_s: float | None = None
+    dataset_sha256: str | None = None  # the data it trained on (data/stats.json)
+    ray_job_submission_id: str | None = None  # when run by `ray job submit`
 
     def metrics(self) -> dict[str, Any]:
         return {"steps": self.steps, "images_per_s": round(self.mean_images_per_s or 0.0, 1),

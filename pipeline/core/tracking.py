@@ -24,6 +24,17 @@ from pipeline.core.config import MlflowConfig
 from pipeline.core.errors import UserError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# What a train run keeps of the stage's outputs (artifact path -> path in the repository), so
+# that a job's result outlives the job: `python -m pipeline import-run` brings them back.
+# train_run.json stays at the root, where runs before the import kept it.
+TRAIN_RUN_ARTIFACTS = {
+    "train_run.json": Path("reports/train_run.json"),
+    "models/generator.pt": Path("models/generator.pt"),
+    "models/generator.json": Path("models/generator.json"),
+    "reports/train_log.csv": Path("reports/train_log.csv"),
+    "reports/train_grids": Path("reports/train_grids"),
+}
+JOB_TAG = "ray_job_submission_id"  # tag of a run that `ray job submit` ran
 _SQLITE = "sqlite:///"
 _PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _METRICS_PER_BATCH = 1000
@@ -138,6 +149,11 @@ def log_image(tracking_uri: str, run_id: str, image: Any, key: str, step: int) -
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_dir: str = "") -> None:
     """Upload a file to the run's artifacts."""
     _client(tracking_uri).log_artifact(run_id, str(path), artifact_path=artifact_dir or None)
+
+
+def log_artifacts(tracking_uri: str, run_id: str, directory: str | Path, artifact_dir: str) -> None:
+    """Upload a directory's files to the run's artifacts under `artifact_dir`."""
+    _client(tracking_uri).log_artifacts(run_id, str(directory), artifact_path=artifact_dir)
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:

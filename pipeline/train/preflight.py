@@ -30,6 +30,7 @@ class TrainPlan:
     tracking_uri: str
     storage_path: str
     fault: FaultSpec | None
+    dataset_sha256: str  # of the shards data/stats.json describes: import-run checks it
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Inputs:
     tracking_uri: str
     storage_path: str
     fault: FaultSpec | None
+    dataset_sha256: str
 
 
 def check_inputs(cfg: Config, layout: Layout) -> Inputs:
@@ -94,7 +96,8 @@ def check_inputs(cfg: Config, layout: Layout) -> Inputs:
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow, layout.root)
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
-    return Inputs(urls, split_shape, tracking_uri, storage_path(cfg, layout), fault)
+    return Inputs(urls, split_shape, tracking_uri, storage_path(cfg, layout), fault,
+                  stats.dataset_sha256)
 
 
 def make_plan(cfg: Config, inputs: Inputs) -> TrainPlan:
@@ -104,7 +107,7 @@ def make_plan(cfg: Config, inputs: Inputs) -> TrainPlan:
     steps_per_epoch = loader.steps_per_epoch(inputs.split_shape[0], train.batch_size,
                                              train.num_workers)
     return TrainPlan(inputs.urls, inputs.split_shape, steps_per_epoch, inputs.tracking_uri,
-                     inputs.storage_path, inputs.fault)
+                     inputs.storage_path, inputs.fault, inputs.dataset_sha256)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
-"""The one module that talks to Ray: connecting, TorchTrainer, and the per-worker glue.
+"""The one module that runs Ray Train: TorchTrainer and the per-worker glue.
 
-Driver (`connect_ray`, `resolve_cluster`, `fit`): joins the cluster of `RAY_ADDRESS` or of
-`ray job submit` (else starts Ray here), runs `TorchTrainer` (DDP ranks, retries with
-`FailureConfig`) and hands back the FINAL checkpoint's state, so outputs are written on the
-driver even when rank 0 ran on another node.
+Driver (`resolve_cluster`, `fit`): joins the cluster (`connect`), makes auto workers explicit,
+runs `TorchTrainer` (DDP ranks, retries with `FailureConfig`) and hands back the FINAL
+checkpoint's state, so outputs are written on the driver even when rank 0 ran on another node.
 
 Worker (`train_worker`): resumes from `ray.train.get_checkpoint()`, runs `loop.TrainLoop` with
 hooks that wrap models with `prepare_model`, report checkpoints on every rank, log to MLflow on
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -29,6 +27,7 @@ from pipeline.data.cache import training_batches
 from pipeline.data.grids import make_grid
 from pipeline.train import checkpoints
 from pipeline.train.collectives import all_gather_hex
+from pipeline.train.connect import connect_ray, job_logs_command
 from pipeline.train.loop import LoopEnv, TrainLoop
 from pipeline.train.preflight import (
     NodeResources,
@@ -44,7 +43,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_TO_KEEP = 2
 GRID_KEY = "samples"  # MLflow image key of the per-epoch grids
 GRID_COLUMNS = 8
-_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for its entrypoint
 
 
 # --- worker side ----------------------------------------------------------------------------------
@@ -133,18 +131,6 @@ def train_worker(plan: WorkerPlan) -> dict[str, Any]:
 # --- driver side ----------------------------------------------------------------------------------
 
 
-def connect_ray() -> Any:
-    """Connect to the cluster of `RAY_ADDRESS` or of `ray job submit`; else start Ray here."""
-    import ray
-
-    if not ray.is_initialized():
-        external = os.environ.get("RAY_ADDRESS") or os.environ.get(_JOB_ENV)
-        # ray.init() reads RAY_ADDRESS itself; without it, it starts a local cluster (with its
-        # dashboard: Ray Train's placement-group cleaner polls the state API it serves).
-        ray.init(address="auto" if external and not os.environ.get("RAY_ADDRESS") else None)
-    return ray
-
-
 def resolve_cluster(cfg: Config) -> Config:
     """Connect; make auto (0) workers and CPUs explicit from the alive nodes (logged); then
     UserError unless the cluster has the resources the workers reserve."""
@@ -197,9 +183,11 @@ def fit(
     try:
         result = _fit(cfg, plan, run_name, run_id)
     except TrainingFailedError as err:
+        logs = job_logs_command()  # under `ray job submit`: where the whole log is
         raise UserError(
             f"training failed after {cfg.train.max_failures} restart(s): {_root_cause(err)} "
             f"(checkpoints: {plan.storage_path}/{run_name})"
+            + (f"; the whole log: {logs}" if logs else "")
         ) from err
     outcome = result.return_value or {}
     if outcome.get("nonfinite_step") is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from pipeline.core.layout import Layout
 from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
-from pipeline.train import ray_runner
+from pipeline.train import connect, ray_runner
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import check_inputs, make_plan
 
@@ -49,6 +50,18 @@ def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
     return record
 
 
+def keep_outputs(tracking_uri: str, run_id: str, layout: Layout) -> None:
+    """Log the stage's outputs to its run (`tracking.TRAIN_RUN_ARTIFACTS`): under `ray job
+    submit` the local files vanish with the job; `python -m pipeline import-run` fetches them."""
+    for artifact, relative in tracking.TRAIN_RUN_ARTIFACTS.items():
+        local = layout.path(relative)
+        folder = str(Path(artifact).parent) if Path(artifact).parent != Path(".") else ""
+        if local.is_dir():
+            tracking.log_artifacts(tracking_uri, run_id, local, artifact)
+        else:
+            tracking.log_artifact(tracking_uri, run_id, local, folder)
+
+
 def train(cfg: Config, layout: Layout) -> TrainRun:
     """The train stage: preflight, Ray Train run, outputs; returns the train_run record."""
     inputs = check_inputs(cfg, layout)  # the cheap checks, before Ray starts
@@ -59,7 +72,9 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
         tags={"stage": "train", "world_size": str(cfg.train.num_workers)},
     )
     run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
-    tracking.set_tags(plan.tracking_uri, run_id, {"ray_run_name": run_name})
+    job = connect.submission_id()
+    tracking.set_tags(plan.tracking_uri, run_id,
+                      {"ray_run_name": run_name, **({tracking.JOB_TAG: job} if job else {})})
     logger.info(
         "training %d epochs x %d steps on %d worker(s); MLflow run %s; Ray run %s",
         cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, run_name,
@@ -93,13 +108,11 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
         final_loss_d=rows[-1]["loss_d"] if rows else None,
         final_loss_g=rows[-1]["loss_g"] if rows else None,
         mean_images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
+        dataset_sha256=plan.dataset_sha256,
+        ray_job_submission_id=job,
     )
-    record_path = record.save(layout)
-    tracking.log_artifact(plan.tracking_uri, run_id, record_path)
-    # Under `ray job submit` the local outputs vanish with the job; the run keeps the generator
-    # at the same relative paths, so `mlflow artifacts download -a models -d .` restores them.
-    for output in (layout.generator_weights, layout.generator_record):
-        tracking.log_artifact(plan.tracking_uri, run_id, output, "models")
+    record.save(layout)
+    keep_outputs(plan.tracking_uri, run_id, layout)
     tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
     logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
                 elapsed_s, layout.generator_weights, run_id)
