@@ -70,9 +70,8 @@ def _cluster_repo(target: Path, mnist_shards: Path) -> Path:
     PATH (`stage_env`), as after `source .venv/bin/activate`."""
     repo = fresh_git_repo(target, CLUSTER_PARAMS)
     shutil.copytree(mnist_shards / "data", repo / "data", dirs_exist_ok=True)
-    (repo / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
-    shutil.copy(mnist_shards / "reports" / "metrics" / "prepare.json",
-                repo / "reports" / "metrics" / "prepare.json")
+    (repo / "metrics").mkdir(parents=True, exist_ok=True)
+    shutil.copy(mnist_shards / "metrics" / "prepare.json", repo / "metrics" / "prepare.json")
     result = subprocess.run(["dvc", "commit", "--force", "prepare"], cwd=repo,
                             env=stage_env(repo), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -76,8 +76,9 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
     assert 0 <= metrics["fid_classifier_floor"] < metrics["fid_classifier"]
     assert metrics["kid_classifier_floor"] < metrics["kid_classifier"]
     assert not any(key.startswith(("fid_inception", "kid_inception")) for key in metrics)
-    assert 1 <= metrics["classes_hit"] <= 10 and isinstance(metrics["mode_collapse"], bool)
-    assert metrics["classifier_score"] >= 1.0
+    scores = record["scores"]
+    assert 1 <= scores["classes_hit"] <= 10 and isinstance(metrics["mode_collapse"], bool)
+    assert scores["classifier_score"] >= 1.0
 
     side = 8 * (32 + 2) + 2  # 8 x 8 images of 32 px, 2 px padding
     assert Image.open(repo / "reports/samples.png").size == (side, side)

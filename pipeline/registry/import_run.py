@@ -253,7 +253,7 @@ def import_run(
         train_run = verify(staged, run_id)
         check_dataset(layout, train_run)
         files = _install(staged, layout)
-    # The record again, through its type: this also writes reports/metrics/train.json.
+    # The record again, through its type: this also writes metrics/train.json.
     train_run.save(layout)
     if changes:
         set_params(params_path, {key: now for key, (_, now) in changes.items()})
