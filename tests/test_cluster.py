@@ -223,7 +223,7 @@ def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, mnist_shards, mlfl
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "loss_d")) >= 1
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_d")) >= 1
     record_path = client.download_artifacts(run.info.run_id, "train_run.json", str(tmp_path))
     record = json.loads(Path(record_path).read_text())
 

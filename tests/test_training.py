@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config, load_config
@@ -179,15 +180,27 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     client = MlflowClient(record["tracking_uri"])
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # Outside git nothing is known to differ: the run is named as its Ray run.
+    assert run.info.run_name == record["ray_run_name"]
     assert run.data.params["train.num_workers"] == "2" and run.data.params["model.ngf"] == "8"
-    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
+    assert "train.storage_path" not in run.data.params  # settings live in config.yaml
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert f"storage_path: {cfg.train.storage_path}" in Path(config).read_text()
+    # Steps count images seen (2 workers x 64 per optimizer step).
+    logged_steps = [step * 128 for step in (10, 20, 30, 35, 40, 50, 60, 70)]
+    for key in ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake",
+                "system/images_per_s"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         # One value per logged step: a second writer (rank 1) would double them.
-        assert sorted(steps) == [10, 20, 30, 35, 40, 50, 60, 70], key
+        assert sorted(steps) == logged_steps, key
+    assert not {"loss_d", "epoch", "images_per_s"} & set(run.data.metrics)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     pngs = [path for path in images if path.endswith(".png")]
     grid_steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in pngs)
-    assert grid_steps == [35, 70]
+    # One grid before training (the UI's slider opens on it), then one per epoch.
+    assert grid_steps == [0, 35 * 128, 70 * 128]
+    with Image.open(client.download_artifacts(run.info.run_id, pngs[0], str(tmp_path))) as grid:
+        assert grid.size == (3 * 274, 3 * 274)  # 8 x 8 of 32 px, enlarged to be read
 
 
 @pytest.mark.slow

@@ -59,7 +59,8 @@ class LoopHooks(Protocol):
         """Rank 0: new train-log rows (batched: at epoch ends, checkpoints and the end)."""
 
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
-        """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`."""
+        """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`
+        (epoch 0, step 0: before training)."""
 
 
 @dataclass(frozen=True)
@@ -286,16 +287,27 @@ class TrainLoop:
             self.hooks.log_rows(self.pending_rows)
         self.pending_rows = []
 
-    def _epoch_grid(self, epoch: int) -> None:
-        """Rank 0: fixed-noise samples with the running BN statistics (eval mode: no
-        collective, no RNG draw, no buffer update, so resuming stays exact)."""
-        if self.env.rank != 0:
-            return
+    def _fixed_samples(self) -> torch.Tensor:
+        """The fixed-noise samples with the running BN statistics (eval mode: no collective,
+        no RNG draw, no buffer update, so resuming stays exact)."""
         model = unwrap(self.generator)
         model.eval()
         with torch.no_grad(), self.autocast:
             images = model(self.fixed_noise).float().clamp(-1, 1)
         model.train()
+        return images
+
+    def _initial_grid(self) -> None:
+        """Rank 0, before the first step: the untrained generator's samples, so that the UI's
+        image slider opens (at step 0) on an image. Not kept: grid files are per epoch."""
+        if self.env.rank == 0 and self.step == 0:
+            self.hooks.publish_grid(0, 0, self._fixed_samples())
+
+    def _epoch_grid(self, epoch: int) -> None:
+        """Rank 0: the fixed-noise samples at the end of `epoch`, kept and published."""
+        if self.env.rank != 0:
+            return
+        images = self._fixed_samples()
         self.grids.append(to_uint8(images).cpu())
         self.hooks.publish_grid(epoch, self.step, images)
 
@@ -363,6 +375,7 @@ class TrainLoop:
         if self.resumed_from_steps and self.env.rank == 0:
             logger.info("resumed from checkpoint at step %d/%d", self.step, self.total_steps)
         result = LoopResult(0, 0, self.resumed_from_steps)
+        self._initial_grid()
         for epoch, images in self._batches(source):
             self.hooks.before_step(self.step + 1)
             real = to_signed(images.to(device, non_blocking=True))

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import csv
 import logging
+import secrets
 import time
 from typing import Any
 
 import torch
 
 from pipeline.core import tracking
-from pipeline.core.config import Config, to_flat_dict
+from pipeline.core.config import Config
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
 from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
-from pipeline.train import ray_runner
+from pipeline.train import mlflow_run, ray_runner
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import preflight
 
@@ -45,7 +46,7 @@ def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
         old.unlink()  # a shorter rerun must not leave grids of epochs it never had
     for epoch, pixels in enumerate(state["grids"], start=1):
         save_grid(to_signed(pixels), grids_dir / f"epoch_{epoch:03d}.png",
-                  nrow=ray_runner.GRID_COLUMNS)
+                  nrow=mlflow_run.GRID_COLUMNS)
     return record
 
 
@@ -53,15 +54,18 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     """The train stage: preflight, Ray Train run, outputs; returns the train_run record."""
     plan = preflight(cfg, layout)
     ray_runner.check_cluster(cfg)
+    run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    identity = mlflow_run.identity(cfg, layout, run_name)
     run_id, experiment_id = tracking.start_run(
-        plan.tracking_uri, cfg.mlflow.experiment, to_flat_dict(cfg),
-        tags={"stage": "train", "world_size": str(cfg.train.num_workers)},
+        plan.tracking_uri, cfg.mlflow.experiment, identity.params, run_name=identity.name,
+        tags=identity.tags,
     )
-    run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
-    tracking.set_tags(plan.tracking_uri, run_id, {"ray_run_name": run_name})
+    tracking.log_text(plan.tracking_uri, run_id, mlflow_run.config_yaml(cfg),
+                      mlflow_run.CONFIG_ARTIFACT)
     logger.info(
-        "training %d epochs x %d steps on %d worker(s); MLflow run %s; Ray run %s",
-        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, run_name,
+        "training %d epochs x %d steps on %d worker(s); MLflow run %s (%r); Ray run %s",
+        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, identity.name,
+        run_name,
     )
     started = time.perf_counter()
     try:
