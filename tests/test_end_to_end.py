@@ -201,6 +201,11 @@ def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
     # The experiment commit holds its metrics (they are not git-ignored), so runs compare.
     assert data["metrics"]["reports/metrics/evaluate.json"]["data"]["fid_classifier"] >= 0
     assert experiments[0]["name"] in _dvc(repo, "exp", "show", "--csv")
+    # Its MLflow run says which experiment it is and what differs from the commit.
+    run_id = json.loads((repo / "reports/train_run.json").read_text())["mlflow_run_id"]
+    run = _mlflow(repo).get_run(run_id)
+    assert run.data.tags["dvc.exp_name"] == experiments[0]["name"]
+    assert run.info.run_name == f"{experiments[0]['name']}: epochs=2 lr_g=0.0001"
 
     # What a person reads: metrics fit one screen, and experiments compare in 160 columns.
     metrics = _dvc(repo, "metrics", "show")

@@ -201,6 +201,9 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     assert grid_steps == [0, 35 * 128, 70 * 128]
     with Image.open(client.download_artifacts(run.info.run_id, pngs[0], str(tmp_path))) as grid:
         assert grid.size == (3 * 274, 3 * 274)  # 8 x 8 of 32 px, enlarged to be read
+    # The same grids under names a person reads in order.
+    named = [a.path for a in client.list_artifacts(run.info.run_id, "grids")]
+    assert named == ["grids/epoch_001.png", "grids/epoch_002.png"]
 
 
 @pytest.mark.slow

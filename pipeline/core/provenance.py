@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
 DVC_EXP_BASELINE_REV_ENV = "DVC_EXP_BASELINE_REV"
 
-# MLflow's own tag names (mlflow.utils.mlflow_tags): the UI's User, Source and Version columns.
+# MLflow's own tag names (mlflow.utils.mlflow_tags): "Created by", "Source" and the commit
+# beside it in the UI.
 TAG_USER = "mlflow.user"
 TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"

@@ -154,6 +154,11 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_dir:
     _client(tracking_uri).log_artifact(run_id, str(path), artifact_path=artifact_dir or None)
 
 
+def log_artifacts(tracking_uri: str, run_id: str, folder: str | Path, artifact_dir: str) -> None:
+    """Upload every file of `folder` to the run's `artifact_dir`."""
+    _client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path=artifact_dir)
+
+
 def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """Write `text` as the run's artifact `artifact_file` (e.g. the full config)."""
     _client(tracking_uri).log_text(run_id, text, artifact_file)

@@ -8,14 +8,17 @@ shape it, its tags, and the names and steps of its metrics and grids (README, "C
   training reads; storage paths, retries, logging intervals stay in the `config.yaml` artifact.
 * Tags: user, source and commit (the UI's columns), the DVC experiment and its baseline commit,
   the Ray run name, the dataset hash.
-* Metrics: `train/…` and `system/images_per_s` at step = training images seen.
+* Metrics: `train/…` and `system/images_per_s` at step = training images seen; the grids as
+  images (`train/samples`, the UI's slider) and, in epoch order, as `grids/epoch_NNN.png`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +29,11 @@ from pipeline.core.config import PARAMS_FILE, Config, changed_keys, config_from_
 from pipeline.core.errors import ConfigError
 from pipeline.core.layout import Layout
 from pipeline.core.records import DatasetStats
-from pipeline.data.grids import display_copy, make_grid
+from pipeline.data.grids import display_copy, make_grid, save_display_copy
 
 STAGE_SCRIPT = "stages/train.py"
 CONFIG_ARTIFACT = "config.yaml"
+GRIDS_ARTIFACT_DIR = "grids"  # epoch_001.png ...: the slider's grids under names that sort
 GRID_KEY = tracking.TRAIN_PREFIX + "samples"  # beside the loss charts in the UI's train section
 GRID_COLUMNS = 8
 TAG_RAY_RUN_NAME = "ray_run_name"
@@ -136,3 +140,11 @@ def metric_rows(rows: Sequence[Mapping[str, float]], global_batch: int) -> list[
 def grid_image(images: torch.Tensor) -> Any:
     """The fixed-noise samples (N, C, H, W) in [-1, 1] as a PIL grid large enough to read."""
     return display_copy(make_grid(images, nrow=GRID_COLUMNS))
+
+
+def log_epoch_grids(tracking_uri: str, run_id: str, grid_files: Sequence[Path]) -> None:
+    """Enlarged copies of the per-epoch grid files as `grids/<name>` artifacts, one upload."""
+    with tempfile.TemporaryDirectory(prefix="dcgan_grids_") as folder:
+        for path in grid_files:
+            save_display_copy(path, Path(folder) / path.name)
+        tracking.log_artifacts(tracking_uri, run_id, folder, GRIDS_ARTIFACT_DIR)

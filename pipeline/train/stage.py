@@ -103,6 +103,8 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     # at the same relative paths, so `mlflow artifacts download -a models -d .` restores them.
     for output in (layout.generator_weights, layout.generator_record):
         tracking.log_artifact(plan.tracking_uri, run_id, output, "models")
+    mlflow_run.log_epoch_grids(plan.tracking_uri, run_id,
+                               sorted(layout.train_grids_dir.glob("epoch_*.png")))
     tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
     logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
                 elapsed_s, layout.generator_weights, run_id)
