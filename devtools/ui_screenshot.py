@@ -35,14 +35,17 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 VIRTUAL_TIME_BUDGET_MS = 20_000
 BROWSER_TIMEOUT_S = 180
 SERVER_START_TIMEOUT_S = 120
-# What each tab must render: an <img> of the logged grid, the charts' titles (which drop the
-# `train/` section prefix), the description.
+# What each tab must render: an <img> of the logged grid; the charts, by the card's title
+# (the metric key) and its legend (run name and key), and plotly's drawing; the description.
 EXPECTED = {
     "model-metrics": {
         "sample grid image": 'src="get-artifact?path=images%2Ftrain~samples',
-        "loss_d chart": 'title="loss_d"',
-        "loss_g chart": 'title="loss_g"',
+        "loss_d chart": 'title="train/loss_d"',
+        "loss_d curve legend": "(train/loss_d)</span>",
+        "loss_g chart": 'title="train/loss_g"',
         "FID chart": 'title="fid"',
+        "FID legend": "(fid)</span>",
+        "plotly drawing": 'class="main-svg"',
     },
     "overview": {"description": "Description", "FID in the description": "FID "},
 }

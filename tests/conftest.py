@@ -112,8 +112,11 @@ def dataset_stats(**overrides) -> DatasetStats:
 
 
 def copy_repo(target: Path) -> Path:
-    """Copy the repository's source (no venv, data or outputs) to `target` for stage runs."""
-    top_level = {"data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
+    """Copy the repository's source (no git state, venv, data or outputs) to `target` for stage
+    runs. Git state stays behind: in a `git worktree` checkout `.git` is a file naming the
+    checkout's own git dir, and a copy of it would let commits in the copy land on the
+    checkout's branch."""
+    top_level = {".git", "data", "models", "reports", "mlflow.db", "mlruns", "mlartifacts",
                  ".ray_storage", ".cache", ".venv", ".whl"}
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".ruff_cache")
 

@@ -43,8 +43,8 @@ def _git(repo: Path, *args: str) -> None:
 
 def _fresh_repo(target: Path) -> Path:
     """A copy of the repo as its own git repo (one commit), with TINY_PARAMS in params.yaml."""
-    repo = copy_repo(target)
-    shutil.rmtree(repo / ".git", ignore_errors=True)
+    repo = copy_repo(target)  # without git state: `git init` below makes a repository of its own
+    assert not (repo / ".git").exists()
     shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())

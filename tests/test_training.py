@@ -20,7 +20,7 @@ from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
-from pipeline.models.dcgan import Generator, GeneratorSpec
+from pipeline.models.dcgan import Generator, GeneratorSpec, build_generator
 from pipeline.train import checkpoints
 from pipeline.train import loop as training
 
@@ -112,6 +112,23 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():
     assert [saved["metrics"]["step"] for saved in hooks.saved] == [2]
     good = hooks.saved[0]["state"]
     assert all(torch.isfinite(t).all() for t in good["generator"].values())
+
+
+def test_the_step_0_grid_shows_the_untrained_generator_and_leaves_it_untouched():
+    torch.manual_seed(0)
+    generator = build_generator(GeneratorSpec(16, 8, 32, 1))
+    noise = torch.randn(64, 16)
+    state = {key: value.clone() for key, value in generator.state_dict().items()}
+    rng = torch.get_rng_state()
+    samples = training.untrained_samples(generator, noise)
+    assert samples.shape == (64, 1, 32, 32)
+    with torch.no_grad():
+        flat = generator.eval()(noise)
+    # With its initial running statistics the generator draws a flat grey; with the batch's,
+    # as in training, something a person can see.
+    assert flat.std() < 1e-3 < 0.03 < samples.std()
+    assert all(torch.equal(value, generator.state_dict()[key]) for key, value in state.items())
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 # --- real Ray Train runs ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ any checkpoint is written, so the last checkpoint is always a good one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -106,6 +107,15 @@ def param_sha256(*models: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def untrained_samples(generator: nn.Module, noise: torch.Tensor) -> torch.Tensor:
+    """What a freshly initialised generator draws from `noise`, normalised with the batch's
+    statistics as in training (its running statistics, still 0 and 1, would give a flat grey).
+    Runs on a copy: the model, its buffers and every RNG stay as they were."""
+    probe = copy.deepcopy(generator).train()
+    with torch.no_grad():
+        return probe(noise).float().clamp(-1, 1)
+
+
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else (
         contextlib.nullcontext()
@@ -146,6 +156,11 @@ class TrainLoop:
         self.log_rows: list[dict[str, float]] = []
         self.grids: list[torch.Tensor] = []
         self.resumed_from_steps: list[int] = []
+        # Rank 0 of a fresh run publishes what the untrained generator draws (step 0).
+        self.initial_samples = (
+            untrained_samples(generator, self.fixed_noise)
+            if resume_state is None and env.rank == 0 else None
+        )
         if resume_state is not None:
             self._load_models(generator, discriminator, resume_state)
 
@@ -298,10 +313,12 @@ class TrainLoop:
         return images
 
     def _initial_grid(self) -> None:
-        """Rank 0, before the first step: the untrained generator's samples, so that the UI's
-        image slider opens (at step 0) on an image. Not kept: grid files are per epoch."""
-        if self.env.rank == 0 and self.step == 0:
-            self.hooks.publish_grid(0, 0, self._fixed_samples())
+        """Rank 0 of a fresh run, before the first step: the untrained generator's samples, so
+        that the UI's image slider opens (at step 0) on an image. Not kept: grid files are per
+        epoch."""
+        if self.initial_samples is not None:
+            self.hooks.publish_grid(0, 0, self.initial_samples)
+            self.initial_samples = None
 
     def _epoch_grid(self, epoch: int) -> None:
         """Rank 0: the fixed-noise samples at the end of `epoch`, kept and published."""

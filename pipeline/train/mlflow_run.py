@@ -4,8 +4,9 @@ shape it, its tags, and the names and steps of its metrics and grids (README, "C
 * Name: what differs from the committed params.yaml (`lr_g=0.0001 epochs=2`), after the DVC
   experiment's name when there is one (`comic-mean: lr_g=0.0001`); with nothing that differs,
   the experiment's name, else the Ray run name.
-* Params: RUN_PARAM_KEYS (what shapes a training run) plus every changed key of the sections
-  training reads; storage paths, retries, logging intervals stay in the `config.yaml` artifact.
+* Params: RUN_PARAM_KEYS (the hyperparameters that shape a training run), the global batch,
+  and every key of the sections training reads that differs from the committed params.yaml;
+  the rest (data settings, storage paths, retries, logging intervals) is in `config.yaml`.
 * Tags: user, source and commit (the UI's columns), the DVC experiment and its baseline commit,
   the Ray run name, the dataset hash.
 * Metrics: `train/…` and `system/images_per_s` at step = training images seen; the grids as
@@ -38,12 +39,14 @@ GRID_KEY = tracking.TRAIN_PREFIX + "samples"  # beside the loss charts in the UI
 GRID_COLUMNS = 8
 TAG_RAY_RUN_NAME = "ray_run_name"
 TAG_DATASET_SHA = "dataset_sha256"
-# The parameters that shape a training run: what a person compares runs on.
+# The hyperparameters that shape a training run, what a person compares runs on. Few: the UI
+# prints every parameter above a run's sample grid. Any other key shows up as a parameter when
+# it differs from the committed params.yaml; the dataset is the tag `dataset_sha256`; all of it
+# is in `config.yaml`.
 RUN_PARAM_KEYS = (
-    "data.source", "data.image_size", "data.channels",
     "model.nz", "model.ngf", "model.ndf",
     "train.num_workers", "train.batch_size", "train.epochs", "train.lr_g", "train.lr_d",
-    "train.beta1", "train.beta2", "train.precision", "train.sync_batchnorm", "train.seed",
+    "train.beta1", "train.seed",
 )
 TRAINING_SECTIONS = ("data.", "model.", "train.")  # what the train stage reads
 NAME_PREFIX_DROPPED = "train."  # `lr_g=0.0001` reads better than `train.lr_g=0.0001`
