@@ -26,6 +26,9 @@ from devtools.ui_screenshot import find_chromium
 
 pytestmark = pytest.mark.slow
 
+# `dvc exp show --drop '.*' --keep ...` of the README's "Sweeps": the columns that compare a sweep.
+SWEEP_COLUMNS = r"Experiment|^train\.(epochs|lr_g|lr_d)$|^fid_classifier$|^classes_hit$"
+
 # mnist5k at 32 px (the real data), but small models, one short epoch and a small evaluation.
 TINY_PARAMS = {
     "data": {"num_processes": 1},
@@ -216,10 +219,12 @@ def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
 
     names = _queued_sweep_lands_in_the_workspace_store(repo)
     _compare_the_sweep(repo, names)
-    shown = _dvc(repo, "exp", "show", "--only-changed", "--no-pager", columns=160)
+    # The sweep side by side as the README shows it: what was swept and the headline metrics.
+    shown = _dvc(repo, "exp", "show", "--no-pager", "--drop", ".*", "--keep", SWEEP_COLUMNS,
+                 columns=160)
     lines = shown.splitlines()
     assert max(map(len, lines)) <= 160 and "…" not in shown, shown
-    assert "fid_classifier" in shown and "train.lr_d" in shown
+    assert "fid_classifier" in shown and "train.lr_d" in shown and "train.epochs" in shown
     assert all(name in shown for name in names)
     _dvc(repo, "plots", "show")
     html = (repo / "dvc_plots" / "index.html").read_text()
