@@ -210,6 +210,8 @@ def test_the_description_says_what_a_person_looks_for_in_one_line():
                  "commit c669a84", "dvc exp comic-mean"):
         assert part in text, (part, text)
     collapsed = _evaluation(mode_collapse=True, scores={"fid_classifier": 90.0, "classes_hit": 3})
-    assert "MODE COLLAPSE (3/10 classes)" in mlflow_log.description(collapsed, params, {})
+    one_worker = {**params, "train.num_workers": "1"}
+    text = mlflow_log.description(collapsed, one_worker, {})
+    assert "MODE COLLAPSE (3/10 classes)" in text and "1 worker × batch 32" in text
     unmeasured = _evaluation(feature_extractor="none", scores={}, mode_collapse=None)
     assert "no FID" in mlflow_log.description(unmeasured, {}, {})

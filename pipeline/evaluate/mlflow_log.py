@@ -81,6 +81,10 @@ def _collapse_words(record: Evaluation) -> str:
     return f"MODE COLLAPSE ({classes})" if record.mode_collapse else f"no mode collapse ({classes})"
 
 
+def _count(number: str, noun: str) -> str:
+    return f"{number} {noun}" if number == "1" else f"{number} {noun}s"
+
+
 def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping[str, str]
                 ) -> str:
     """The run's one-line description, from the evaluation and the run's params and tags."""
@@ -90,7 +94,7 @@ def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping
     parts = [
         f"{param('train.epochs')} epochs",
         f"lr_g {param('train.lr_g')}, lr_d {param('train.lr_d')}",
-        f"{param('train.num_workers')} workers × batch {param('train.batch_size')}",
+        f"{_count(param('train.num_workers'), 'worker')} × batch {param('train.batch_size')}",
         _fid_words(record),
         _collapse_words(record),
     ]

@@ -37,6 +37,7 @@ KEY_METRIC_PREFIXES = (
     "kid",
     "classifier_score",
     "classes_hit",
+    "class_coverage",
     "class_entropy",
     "loss_g",
     "loss_d",
