@@ -20,13 +20,18 @@ from conftest import dataset_stats
 from pipeline.core.config import load_config, to_flat_dict
 from pipeline.core.layout import Layout
 from pipeline.core.records import Evaluation, GeneratorRecord, TrainRun
-from pipeline.core.tracking import end_run, start_run
+from pipeline.core.tracking import end_run, set_description, start_run
 from pipeline.models.dcgan import Generator, GeneratorSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = GeneratorSpec(nz=8, ngf=4, image_size=16, channels=1)
 EXTRACTOR_SHA = "e" * 64
 DATASET_SHA = "d" * 64
+
+
+def description_of(seed: int) -> str:
+    """The start of the run description that `make_workspace` writes for `seed`."""
+    return f"tiny generator of seed {seed}:"
 
 
 def tiny_generator(seed: int) -> Generator:
@@ -67,6 +72,7 @@ def make_workspace(
     run_id, experiment_id = start_run(
         tracking_uri, experiment, to_flat_dict(cfg), run_name=f"seed-{seed}"
     )
+    set_description(tracking_uri, run_id, f"{description_of(seed)} FID {fid}")  # as evaluate
     end_run(tracking_uri, run_id)
     TrainRun(
         mlflow_run_id=run_id, mlflow_experiment_id=experiment_id, tracking_uri=tracking_uri,

@@ -1,20 +1,32 @@
 """The whole DAG with real DVC on a fresh git repo (a copy of this one, tiny params):
 `dvc repro` makes every output, a second one does nothing, `dvc exp run -S train.epochs=2
--S train.lr_g=0.0001` reruns train and what follows only and records a comparable experiment, and
-`dvc metrics show` / `dvc plots show` read what the stages wrote."""
+-S train.lr_g=0.0001` reruns train and what follows only and records a comparable experiment, a
+sweep queued with `dvc exp run --queue -S 'train.lr_d=0.0001,0.0003'` and run by `dvc queue
+start` lands in the workspace's MLflow store and compares with `python -m pipeline compare
+--dvc-exp`, `dvc metrics show` / `dvc plots show` read what the stages wrote, and the MLflow UI
+shows a run in a real browser."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import fresh_git_repo, git, stage_env
+from mlflow import MlflowClient
+from PIL import Image
+
+from devtools.ui_screenshot import find_chromium
 
 pytestmark = pytest.mark.slow
-COMPARE_DROP = "^(data|models|reports)/"  # as in the README's "Comparing runs"
+
+# `dvc exp show --drop '.*' --keep ...` of the README's "Sweeps": the columns that compare a sweep.
+SWEEP_COLUMNS = r"Experiment|^train\.(epochs|lr_g|lr_d)$|^fid_classifier$|^classes_hit$"
 
 # mnist5k at 32 px (the real data), but small models, one short epoch and a small evaluation.
 TINY_PARAMS = {
@@ -55,10 +67,97 @@ def _ran(output: str) -> set[str]:
             if f"Running stage '{stage}'" in output}
 
 
-def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
-    repo = fresh_git_repo(tmp_path / "repo", TINY_PARAMS)
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh tiny repository after its first `dvc repro`; yields (repo, repro's output).
+    The tests below add experiments to it, in file order."""
+    repo = fresh_git_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
+    yield repo, _dvc(repo, "repro")
 
-    first = _dvc(repo, "repro")
+
+def _mlflow(repo: Path) -> MlflowClient:
+    """The workspace's own store: the default `sqlite:///mlflow.db` of its params.yaml."""
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _registered_versions(repo: Path) -> list:
+    return _mlflow(repo).search_model_versions("name = 'dcgan-generator'")
+
+
+def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
+    """Wait until `dvc queue status` lists no queued or running experiment; return the names
+    of the successful ones (fail with the logs of a failed one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [line.split() for line in _dvc(repo, "queue", "status").splitlines()]
+        # Task  Name  Created (`02:16 AM`: two words)  Status
+        tasks = {row[1]: row[-1] for row in rows
+                 if len(row) >= 4 and row[-1] in ("Queued", "Running", "Success", "Failed")}
+        failed = [name for name, status in tasks.items() if status == "Failed"]
+        assert not failed, _dvc(repo, "queue", "logs", failed[0])[-5000:]
+        if tasks and all(status == "Success" for status in tasks.values()):
+            return sorted(tasks)
+        assert time.monotonic() < deadline, f"queue still busy: {tasks}"
+        time.sleep(5)
+
+
+def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:
+    """`dvc exp run --queue` with a grid, `dvc queue start -j 1`: both experiments run in
+    temporary copies; their runs and model versions appear in the workspace's store, tagged
+    with the DVC experiment and its baseline commit. Returns the experiments' names."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    versions_before = len(_registered_versions(repo))
+    _dvc(repo, "exp", "run", "--queue", "-S", "train.lr_d=0.0001,0.0003")
+    try:
+        _dvc(repo, "queue", "start", "-j", "1")  # SQLite takes one writer (README)
+        names = _wait_for_queue(repo)
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=stage_env(repo),
+                       capture_output=True, timeout=120)
+    assert len(names) == 2
+
+    client = _mlflow(repo)
+    runs = {run.data.tags.get("dvc.exp_name"): run for run in client.search_runs(
+        [client.get_experiment_by_name("dcgan").experiment_id])}
+    for name in names:
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["dvc.baseline_rev"] == head
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        # Named by what differs from the commit; described after evaluation.
+        assert run.info.run_name.startswith(f"{name}: ") and "lr_d=0.000" in run.info.run_name
+        assert "FID " in run.data.tags["mlflow.note.content"]
+        assert run.data.metrics["fid"] > 0 and "train/loss_d" in run.data.metrics
+        assert "samples.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {runs[n].data.params["train.lr_d"] for n in names} == {"0.0001", "0.0003"}
+    versions = _registered_versions(repo)
+    assert len(versions) == versions_before + 2
+    assert {v.tags.get("dvc.exp_name") for v in versions} >= set(names)
+    # Nothing was left behind in the deleted copies' place.
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    return names
+
+
+def _compare_the_sweep(repo: Path, names: list[str]) -> None:
+    """`python -m pipeline compare --dvc-exp ...`: one image, one table for the sweep."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "compare", "--dvc-exp", *names,
+         "--out", "reports/sweep.png", "--table", "reports/sweep.md"],
+        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (repo / "reports" / "sweep.md").read_text()
+    assert all(name in table for name in names)
+    assert "param.train.lr_d" in table and re.search(r"\|\s*fid\s*\|", table), table
+    with Image.open(repo / "reports" / "sweep.png") as image:
+        # Two panels of 4 x 4 images of 32 px (138 px), enlarged three times, 8 px apart.
+        assert image.width == 2 * 3 * 138 + 8
+
+
+def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
+    repo, first = pipeline_repo
     assert _ran(first) == {"prepare", "classifier", "train", "evaluate", "register"}
     missing = [path for path in _declared_outputs(repo) if not (repo / path).exists()]
     assert not missing, f"dvc repro did not produce {missing}"
@@ -69,7 +168,7 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "first run")
     experiment = _dvc(repo, "exp", "run", "-S", "train.epochs=2", "-S", "train.lr_g=0.0001")
-    assert _ran(experiment) == {"train", "evaluate", "register"}, experiment[-3000:]
+    assert _ran(experiment) == {"train", "evaluate", "register"}
     assert "Stage 'prepare' didn't change, skipping" in experiment
     assert json.loads((repo / "reports/train_run.json").read_text())["epochs"] == 2
     table = json.loads(_dvc(repo, "exp", "show", "--json", "--no-pager"))
@@ -82,22 +181,51 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path):
     # The experiment commit holds its metrics (they are not git-ignored), so runs compare.
     assert data["metrics"]["metrics/evaluate.json"]["data"]["fid_classifier"] >= 0
     assert experiments[0]["name"] in _dvc(repo, "exp", "show", "--csv")
+    # Its MLflow run says which experiment it is and what differs from the commit.
+    run_id = json.loads((repo / "reports/train_run.json").read_text())["mlflow_run_id"]
+    run = _mlflow(repo).get_run(run_id)
+    assert run.data.tags["dvc.exp_name"] == experiments[0]["name"]
+    assert run.info.run_name == f"{experiments[0]['name']}: epochs=2 lr_g=0.0001"
 
-    # What a person reads: metrics fit one screen (a full-width terminal: 240 x 40), and two
-    # experiments compare in 160 columns.
+    # What a person reads: metrics fit one screen (a full-width terminal: 240 x 40), and
+    # experiments compare in 160 columns (below).
     metrics = _dvc(repo, "metrics", "show")
     assert "fid_classifier" in metrics and "val_accuracy" in metrics
     assert len(metrics.splitlines()) <= 40 and max(map(len, metrics.splitlines())) <= 240
     assert not any(noise in metrics for noise in ("sha256", "run_id", "/tmp/", "classes."))
-    _dvc(repo, "exp", "run", "-S", "train.lr_d=0.0001")
-    # The README's comparison command: changed metrics and params, without the hashes of the
-    # files that every experiment rewrites.
-    shown = _dvc(repo, "exp", "show", "--only-changed", "--drop", COMPARE_DROP, "--no-pager",
+
+    names = _queued_sweep_lands_in_the_workspace_store(repo)
+    _compare_the_sweep(repo, names)
+    # The sweep side by side as the README shows it: what was swept and the headline metrics.
+    shown = _dvc(repo, "exp", "show", "--no-pager", "--drop", ".*", "--keep", SWEEP_COLUMNS,
                  columns=160)
     lines = shown.splitlines()
     assert max(map(len, lines)) <= 160 and "…" not in shown, shown
-    assert all(name in shown for name in ("fid_classifier", "train.lr_d", "train.epochs"))
+    assert "fid_classifier" in shown and "train.lr_d" in shown and "train.epochs" in shown
+    assert all(name in shown for name in names)
     _dvc(repo, "plots", "show")
     html = (repo / "dvc_plots" / "index.html").read_text()
     assert "Training losses" in html
     assert "loss_d" in html
+
+
+def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(pipeline_repo, tmp_path):
+    """The real UI in a real browser (Debian's headless Chromium): the run's page shows its
+    sample grid, its loss charts and its FID chart; its overview, the description."""
+    if find_chromium() is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium): UI not checked")
+    repo, _ = pipeline_repo
+    for tab in ("model-metrics", "overview"):
+        shot = tmp_path / f"ui_{tab}.png"
+        result = subprocess.run(
+            [sys.executable, "-m", "devtools.ui_screenshot", "--backend-store-uri",
+             f"sqlite:///{repo / 'mlflow.db'}", "--tab", tab, "--out", str(shot)],
+            cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
+        )
+        print(result.stdout)  # the screenshot's path, for a person to look at
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+        found = json.loads(result.stdout.strip().splitlines()[-1])["found"]
+        assert all(found.values()), found
+        with Image.open(shot) as image:
+            # A rendered page, not a blank one: many colours.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 100

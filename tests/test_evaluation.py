@@ -89,11 +89,25 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
 
     client = MlflowClient(tracking_uri=uri)
     logged = client.get_run(run_id).data
-    assert logged.metrics["fid_classifier"] == pytest.approx(metrics["fid_classifier"])
-    assert logged.metrics["fid_classifier_floor"] == pytest.approx(metrics["fid_classifier_floor"])
-    assert logged.tags["eval.feature_extractor"] == "classifier"
+    # Scores under eval/ (one group of charts in the UI), the headline fid, settings as tags.
+    assert logged.metrics["fid"] == pytest.approx(metrics["fid_classifier"])
+    assert logged.metrics["eval/fid_classifier"] == pytest.approx(metrics["fid_classifier"])
+    assert logged.metrics["eval/fid_classifier_floor"] == pytest.approx(
+        metrics["fid_classifier_floor"])
+    assert all(key == "fid" or key.startswith("eval/") for key in logged.metrics)
+    assert logged.tags["fid.extractor"] == logged.tags["eval.feature_extractor"] == "classifier"
+    assert logged.tags["eval.num_samples"] == "200"
+    description = logged.tags["mlflow.note.content"]
+    assert f"FID {metrics['fid_classifier']:.2f} vs floor" in description
+    assert "mode collapse" in description.lower() and "\n" not in description
+    # The final samples at the artifact root (the compare page shows those), enlarged.
+    root = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples.png", "interpolation.png"} <= root
+    (repo / "downloaded").mkdir(exist_ok=True)
+    shown = client.download_artifacts(run_id, "samples.png", str(repo / "downloaded"))
+    assert Image.open(shown).size == (3 * side, 3 * side)
     artifacts = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"samples.png", "interpolation.png", "reals.png", "evaluation.json"} <= artifacts
+    assert {"reals.png", "evaluation.json", "evaluate.json"} <= artifacts
 
     # Real features are cached (plain .npy) and reused: same numbers, no re-extraction.
     cached = sorted(p.name for p in (repo / ".cache/features").iterdir())

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
-from pipeline.models.dcgan import Generator, GeneratorSpec
+from pipeline.models.dcgan import Generator, GeneratorSpec, build_generator
 from pipeline.train import checkpoints
 from pipeline.train import loop as training
 
@@ -113,6 +114,23 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():
     assert all(torch.isfinite(t).all() for t in good["generator"].values())
 
 
+def test_the_step_0_grid_shows_the_untrained_generator_and_leaves_it_untouched():
+    torch.manual_seed(0)
+    generator = build_generator(GeneratorSpec(16, 8, 32, 1))
+    noise = torch.randn(64, 16)
+    state = {key: value.clone() for key, value in generator.state_dict().items()}
+    rng = torch.get_rng_state()
+    samples = training.untrained_samples(generator, noise)
+    assert samples.shape == (64, 1, 32, 32)
+    with torch.no_grad():
+        flat = generator.eval()(noise)
+    # With its initial running statistics the generator draws a flat grey; with the batch's,
+    # as in training, something a person can see.
+    assert flat.std() < 1e-3 < 0.03 < samples.std()
+    assert all(torch.equal(value, generator.state_dict()[key]) for key, value in state.items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 # --- real Ray Train runs ------------------------------------------------------------------------
 
 
@@ -180,15 +198,30 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     client = MlflowClient(record["tracking_uri"])
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # Outside git nothing is known to differ: the run is named as its Ray run.
+    assert run.info.run_name == record["ray_run_name"]
     assert run.data.params["train.num_workers"] == "2" and run.data.params["model.ngf"] == "8"
-    for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"):
+    assert "train.storage_path" not in run.data.params  # settings live in config.yaml
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert f"storage_path: {cfg.train.storage_path}" in Path(config).read_text()
+    # Steps count images seen (2 workers x 64 per optimizer step).
+    logged_steps = [step * 128 for step in (10, 20, 30, 35, 40, 50, 60, 70)]
+    for key in ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake",
+                "system/images_per_s"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         # One value per logged step: a second writer (rank 1) would double them.
-        assert sorted(steps) == [10, 20, 30, 35, 40, 50, 60, 70], key
+        assert sorted(steps) == logged_steps, key
+    assert not {"loss_d", "epoch", "images_per_s"} & set(run.data.metrics)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     pngs = [path for path in images if path.endswith(".png")]
     grid_steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in pngs)
-    assert grid_steps == [35, 70]
+    # One grid before training (the UI's slider opens on it), then one per epoch.
+    assert grid_steps == [0, 35 * 128, 70 * 128]
+    with Image.open(client.download_artifacts(run.info.run_id, pngs[0], str(tmp_path))) as grid:
+        assert grid.size == (3 * 274, 3 * 274)  # 8 x 8 of 32 px, enlarged to be read
+    # The same grids under names a person reads in order.
+    named = [a.path for a in client.list_artifacts(run.info.run_id, "grids")]
+    assert named == ["grids/epoch_001.png", "grids/epoch_002.png"]
 
 
 @pytest.mark.slow

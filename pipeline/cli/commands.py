@@ -65,14 +65,16 @@ def _sample(args: argparse.Namespace, tracking_uri: str) -> None:
 
 
 def _compare(args: argparse.Namespace, tracking_uri: str) -> None:
-    from pipeline.registry.compare import compare_runs
+    from pipeline.registry.compare import RunSelection, compare_runs, parse_tag_filters
     from pipeline.registry.register import open_registry
 
+    selection = RunSelection(run_ids=args.runs, dvc_experiments=args.dvc_exp,
+                             tags=parse_tag_filters(args.tag))
     client = open_registry(tracking_uri)
     table = compare_runs(
         client,
         args.experiment or _params(args).mlflow.experiment,
-        args.runs,
+        selection,
         args.out,
         args.table,
         samples_per_run=args.samples,
@@ -176,14 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="compare runs: differing params, key metrics, samples from the same noise",
         description="Write one image with each run's sample grid side by side, all from the "
-        "same fixed noise, and a table of the runs' differing params and key metrics.",
+        "same fixed noise, and a table of the runs' differing params and key metrics. Runs: "
+        "--runs ids, or --dvc-exp names (e.g. a sweep: `dvc exp show` names them), else every "
+        "run of the experiment; --tag narrows either.",
     )
     compare.add_argument("--experiment", default="", help="experiment (default: mlflow.experiment)")
-    compare.add_argument(
+    which = compare.add_mutually_exclusive_group()
+    which.add_argument(
         "--runs",
         nargs="*",
         default=[],
         help="run ids (default: every run of the experiment with a logged generator)",
+    )
+    which.add_argument(
+        "--dvc-exp",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="DVC experiment names: the runs tagged dvc.exp_name=NAME, in this order",
+    )
+    compare.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs with this tag (repeatable), e.g. dvc.baseline_rev=<commit> for every "
+        "experiment queued on that commit",
     )
     compare.add_argument("--out", type=Path, required=True, help="side-by-side PNG")
     compare.add_argument("--table", type=Path, default=None, help="table file: .csv or .md")

@@ -267,14 +267,20 @@ def load_config(
     path = Path(params_path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found")
+    return config_from_text(path.read_text(), str(path), overrides)
+
+
+def config_from_text(text: str, source: str = "params", overrides: Sequence[str] = ()) -> Config:
+    """`load_config` for the YAML text of a params file (`source` names it in errors), e.g.
+    the params.yaml of a commit."""
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from err
+        raise ConfigError(f"{source}: not valid YAML ({err.__class__.__name__})") from err
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
-    for text in overrides:
-        _set_dotted(tree, *parse_override(text))
+        raise ConfigError(f"{source}: expected a mapping of sections")
+    for override in overrides:
+        _set_dotted(tree, *parse_override(override))
     return _build(Config, tree, "")
 
 
@@ -288,6 +294,12 @@ def to_flat_dict(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + f.name] = value
     return flat
+
+
+def changed_keys(config: Config, baseline: Config) -> dict[str, Any]:
+    """The dotted keys whose value in `config` differs from `baseline`, with `config`'s value."""
+    before = to_flat_dict(baseline)
+    return {key: value for key, value in to_flat_dict(config).items() if before[key] != value}
 
 
 def from_dict(cls: type, values: Mapping[str, Any]) -> Any:

@@ -1,13 +1,20 @@
 """MLflow tracking: one run per training, written only by the driver and by rank 0.
 
-The driver checks the tracking URI, creates the run and logs every parameter (dotted keys);
-rank 0 adds the step metrics and one sample grid per epoch (an image with its step, so the UI's
-slider walks through training). Later stages reopen the run by the id that the train stage
-writes to `reports/train_run.json`.
+The driver checks the tracking URI, creates the run with its name, tags and the parameters
+that shape it; rank 0 adds the step metrics and the sample grids (images with their step, so
+the UI's slider walks through training). Later stages reopen the run by the id that the train
+stage writes to `reports/train_run.json`; evaluate adds its metrics and the description.
+
+Names (README, "Comparing runs"): metric keys carry a section prefix, which the UI turns into a
+group of charts: `train/` (losses, D outputs and the grids), `eval/` (every evaluation score),
+`system/` (throughput, on the UI's System metrics tab), and one headline `fid` without prefix.
+The step of every metric and image is the number of training images seen (global batch x
+optimizer steps), so runs with different worker counts overlay at equal amounts of training.
 
 The tracking URI: `mlflow.tracking_uri` in params.yaml; when that is '' the environment's
 `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`. A relative SQLite path is made absolute
-(Ray workers do not run in the repository root).
+against the workspace (Ray workers do not run in the repository root, and a DVC experiment's
+temporary copy is deleted after the run: `pipeline.core.layout.workspace_root`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 
 from pipeline.core.config import MlflowConfig
 from pipeline.core.errors import UserError
+from pipeline.core.layout import workspace_root
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # What a train run keeps of the stage's outputs (artifact path -> path in the repository), so
@@ -35,6 +43,12 @@ TRAIN_RUN_ARTIFACTS = {
     "reports/train_grids": Path("reports/train_grids"),
 }
 JOB_TAG = "ray_job_submission_id"  # tag of a run that `ray job submit` ran
+
+TRAIN_PREFIX = "train/"
+EVAL_PREFIX = "eval/"
+SYSTEM_PREFIX = "system/"
+HEADLINE_FID = "fid"
+TAG_DESCRIPTION = "mlflow.note.content"  # the UI shows it as the run's description
 _SQLITE = "sqlite:///"
 _PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 _METRICS_PER_BATCH = 1000
@@ -42,12 +56,13 @@ _METRICS_PER_BATCH = 1000
 
 def resolve_tracking_uri(mlflow_cfg: MlflowConfig, root: Path) -> str:
     """The tracking URI to use: params, else $MLFLOW_TRACKING_URI, else the SQLite default;
-    a relative `sqlite:///path` becomes absolute against `root`."""
+    a relative `sqlite:///path` becomes absolute against the workspace of `root` (`root`
+    itself, or the workspace of the DVC experiment copy that `root` is)."""
     uri = mlflow_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith(_SQLITE):
         db_path = Path(uri[len(_SQLITE) :])
         if not db_path.is_absolute():
-            uri = _SQLITE + str((Path(root) / db_path).resolve())
+            uri = _SQLITE + str((workspace_root(Path(root)) / db_path).resolve())
     return uri
 
 
@@ -151,13 +166,32 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_dir:
     _client(tracking_uri).log_artifact(run_id, str(path), artifact_path=artifact_dir or None)
 
 
-def log_artifacts(tracking_uri: str, run_id: str, directory: str | Path, artifact_dir: str) -> None:
-    """Upload a directory's files to the run's artifacts under `artifact_dir`."""
-    _client(tracking_uri).log_artifacts(run_id, str(directory), artifact_path=artifact_dir)
+def log_artifacts(tracking_uri: str, run_id: str, folder: str | Path, artifact_dir: str) -> None:
+    """Upload every file of `folder` to the run's `artifact_dir`."""
+    _client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path=artifact_dir)
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """Write `text` as the run's artifact `artifact_file` (e.g. the full config)."""
+    _client(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def run_params_and_tags(tracking_uri: str, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The parameters and the tags a run holds."""
+    data = _client(tracking_uri).get_run(run_id).data
+    return dict(data.params), dict(data.tags)
+
+
+def set_description(tracking_uri: str, run_id: str, text: str) -> None:
+    """The run's description (the UI shows it on the run page and as a column)."""
+    set_tags(tracking_uri, run_id, {TAG_DESCRIPTION: text})
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
-    """Set string tags on a run."""
-    client = _client(tracking_uri)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+    """Set string tags on a run (one call)."""
+    from mlflow.entities import RunTag
+
+    if tags:
+        _client(tracking_uri).log_batch(
+            run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
+        )

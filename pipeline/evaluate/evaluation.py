@@ -1,6 +1,6 @@
 """The `evaluate` stage: FID/KID against the real train split, the real-vs-real floor, class
 coverage, sample grids; reports/evaluation.json (and its metrics); everything logged to the
-training's MLflow run.
+training's MLflow run (`pipeline.evaluate.mlflow_log`: names, tags, the run's description).
 
 Honest numbers (README, "Standard Inception FID, offline"): metric names carry the extractor
 (`fid_classifier` vs `fid_inception`), and beside each distance stands its floor - the same
@@ -34,7 +34,7 @@ from pipeline.data import loader
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import quantize, to_signed
 from pipeline.data.reader import shard_urls
-from pipeline.evaluate import features, metrics
+from pipeline.evaluate import features, metrics, mlflow_log
 from pipeline.models.dcgan import Generator, GeneratorSpec, latent_noise, load_generator
 
 log = logging.getLogger(__name__)
@@ -243,19 +243,10 @@ def evaluate(cfg: Config, layout: Layout) -> Evaluation:
     record = Evaluation(feature_extractor=extractor_name or "none", **plan,
                         generator_steps=generator_record.steps, scores=scores, **details)
     record_path = record.save(layout)
-    _log_to_mlflow(tracking_uri, train_run.mlflow_run_id, record,
-                   [*grids, record_path, layout.metrics(Evaluation.STAGE)])
+    samples, interpolation, reals = grids
+    mlflow_log.log_evaluation(
+        tracking_uri, train_run.mlflow_run_id, record, step=generator_record.images_seen,
+        root_images=[samples, interpolation],
+        files=[reals, record_path, layout.metrics(Evaluation.STAGE)],
+    )
     return record
-
-
-def _log_to_mlflow(tracking_uri: str, run_id: str, record: Evaluation,
-                   artifacts: list[Path]) -> None:
-    numbers = {key: float(value) for key, value in record.metrics().items()}
-    tracking.log_metrics(tracking_uri, run_id, numbers)
-    reasons = {"fid_skipped_reason": record.fid_skipped_reason,
-               "class_metrics_skipped_reason": record.class_metrics_skipped_reason,
-               "feature_extractor": record.feature_extractor}
-    tracking.set_tags(tracking_uri, run_id,
-                      {f"eval.{k}": v for k, v in reasons.items() if v is not None})
-    for path in artifacts:
-        tracking.log_artifact(tracking_uri, run_id, path, "evaluation")

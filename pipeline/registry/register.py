@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.config import Config
@@ -24,12 +26,20 @@ from pipeline.core.records import (
     RegistryRecord,
     TrainRun,
 )
-from pipeline.core.tracking import check_reachable
+from pipeline.core.tracking import TAG_DESCRIPTION, check_reachable
 from pipeline.models.dcgan import GeneratorSpec
 from pipeline.registry.package import find_version_by_weights, log_generator_model
-from pipeline.registry.tags import version_tags
+from pipeline.registry.tags import LEGACY_TAG_PREFIXES, version_tags
 
 log = logging.getLogger(__name__)
+
+MODEL_DESCRIPTION = (
+    "DCGAN generator of the dcgan-pipeline. Each version is one trained and evaluated "
+    "generator; its description and tags give its scores and lineage, its source run holds "
+    "the parameters, training curves and sample grids. Alias `candidate`: the newest "
+    "registration; `champion`: the promoted one (`python -m pipeline promote`). Load with "
+    "mlflow.pyfunc.load_model('models:/<name>@champion').predict({'z': z})."
+)
 
 
 @dataclass(frozen=True)
@@ -61,16 +71,30 @@ def open_registry(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _check_training_run(client: MlflowClient, train_run: TrainRun, tracking_uri: str) -> str:
+def _training_run(client: MlflowClient, train_run: TrainRun, tracking_uri: str) -> Run:
     try:
-        client.get_run(train_run.mlflow_run_id)
+        return client.get_run(train_run.mlflow_run_id)
     except MlflowException as err:
         raise UserError(
             f"training run {train_run.mlflow_run_id} is not in the tracking store "
             f"{tracking_uri} (train logged it to {train_run.tracking_uri}); set "
             "mlflow.tracking_uri to that store"
         ) from err
-    return train_run.mlflow_run_id
+
+
+def _refresh_tags(client: MlflowClient, version: ModelVersion, tags: dict[str, str]) -> None:
+    """Set `tags` on an existing version; drop what older releases tagged per parameter."""
+    for key in version.tags:
+        if key.startswith(LEGACY_TAG_PREFIXES):
+            client.delete_model_version_tag(version.name, version.version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+
+
+def _describe_model(client: MlflowClient, name: str) -> None:
+    """Give the registered model its description, unless someone already wrote one."""
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
 
 
 def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Registration:
@@ -88,9 +112,11 @@ def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Regist
     spec = GeneratorSpec.from_dict(generator.spec)
 
     client = open_registry(tracking_uri)
-    run_id = _check_training_run(client, train_run, tracking_uri)
-    tags = version_tags(cfg, weights_sha256=generator.sha256, evaluation=evaluation,
-                        train_run=train_run, stats=stats, root=layout.root)
+    run = _training_run(client, train_run, tracking_uri)
+    run_id = run.info.run_id
+    tags = version_tags(weights_sha256=generator.sha256, evaluation=evaluation,
+                        train_run=train_run, stats=stats, run_tags=run.data.tags,
+                        root=layout.root)
     existing = find_version_by_weights(client, name, generator.sha256)
     if existing is None:
         log.info("logging the generator into training run %s", run_id)
@@ -101,9 +127,13 @@ def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Regist
     else:
         version = str(existing.version)
         log.info("weights already registered as %s version %s; refreshing tags", name, version)
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
+        _refresh_tags(client, existing, tags)
         created = False
+    # The run's one-line description (evaluate wrote it) says what this version is.
+    summary = run.data.tags.get(TAG_DESCRIPTION)
+    if summary:
+        client.update_model_version(name, version, description=summary)
+    _describe_model(client, name)
     client.set_registered_model_alias(name, alias, version)
     record = RegistryRecord(name=name, version=version, uri=f"models:/{name}/{version}",
                             alias=alias)

@@ -1,13 +1,14 @@
-"""The tags a registered version carries: what `promote` compares and what the MLflow UI
-shows (`weights_sha256`; `metric.<name>` for every evaluation score; the extractor, its hash and
-N; the dataset hash; `param.<section.key>`; the training run; the git commit)."""
+"""The tags a registered version carries: only what promotion and lineage need, so that its
+row on the model page stays readable (`weights_sha256`; `metric.<name>` for every evaluation
+score; the extractor, its hash and N; the dataset hash; the training run; the git commit and
+DVC experiment). Parameters stay on the training run, which the version links to."""
 
 from __future__ import annotations
 
-import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.core.config import Config, to_flat_dict
+from pipeline.core import provenance
 from pipeline.core.records import DatasetStats, Evaluation, TrainRun
 
 TAG_WEIGHTS_SHA = "weights_sha256"
@@ -17,6 +18,8 @@ TAG_NUM_SAMPLES = "num_samples"
 TAG_NUM_REAL_SAMPLES = "num_real_samples"
 TAG_DATASET_SHA = "dataset_sha256"
 METRIC_TAG_PREFIX = "metric."
+# Tags that releases before the lean registry set on every version (`param.train.lr_g`, ...).
+LEGACY_TAG_PREFIXES = ("param.",)
 # Tags that must be equal for two versions' metrics to be comparable, and how to name them.
 COMPARABILITY_TAGS = (
     (TAG_EXTRACTOR_SHA, "feature extractor"),
@@ -24,17 +27,6 @@ COMPARABILITY_TAGS = (
     (TAG_NUM_REAL_SAMPLES, "number of real images"),
     (TAG_DATASET_SHA, "dataset"),
 )
-
-
-def git_commit(cwd: Path) -> str | None:
-    """The checked-out commit, or None outside a git checkout (e.g. a Ray cluster image)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return result.stdout.strip() or None
 
 
 def evaluation_tags(evaluation: Evaluation) -> dict[str, str]:
@@ -53,16 +45,19 @@ def evaluation_tags(evaluation: Evaluation) -> dict[str, str]:
     return tags
 
 
-def version_tags(cfg: Config, *, weights_sha256: str, evaluation: Evaluation,
-                 train_run: TrainRun, stats: DatasetStats | None, root: Path
+def version_tags(*, weights_sha256: str, evaluation: Evaluation, train_run: TrainRun,
+                 stats: DatasetStats | None, run_tags: Mapping[str, str], root: Path
                  ) -> dict[str, str]:
-    """Every tag a registered version carries (module docstring lists them)."""
+    """Every tag a registered version carries (module docstring lists them). The commit is
+    the training run's (else the checkout's at `root`)."""
     tags = {TAG_WEIGHTS_SHA: weights_sha256, **evaluation_tags(evaluation)}
-    tags.update({f"param.{key}": str(value) for key, value in to_flat_dict(cfg).items()})
     tags[TAG_DATASET_SHA] = stats.dataset_sha256 if stats else "unknown"
     tags["mlflow_run_id"] = train_run.mlflow_run_id
     tags["ray_run_name"] = train_run.ray_run_name
-    commit = git_commit(root)
+    commit = run_tags.get(provenance.TAG_GIT_COMMIT) or provenance.git_commit(root)
     if commit:
         tags["git_commit"] = commit
+    experiment = run_tags.get(provenance.TAG_DVC_EXP_NAME)
+    if experiment:
+        tags[provenance.TAG_DVC_EXP_NAME] = experiment
     return tags

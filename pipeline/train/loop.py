@@ -14,6 +14,7 @@ any checkpoint is written, so the last checkpoint is always a good one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -60,7 +61,8 @@ class LoopHooks(Protocol):
         """Rank 0: new train-log rows (batched: at epoch ends, checkpoints and the end)."""
 
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
-        """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`."""
+        """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`
+        (epoch 0, step 0: before training)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,15 @@ def param_sha256(*models: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def untrained_samples(generator: nn.Module, noise: torch.Tensor) -> torch.Tensor:
+    """What a freshly initialised generator draws from `noise`, normalised with the batch's
+    statistics as in training (its running statistics, still 0 and 1, would give a flat grey).
+    Runs on a copy: the model, its buffers and every RNG stay as they were."""
+    probe = copy.deepcopy(generator).train()
+    with torch.no_grad():
+        return probe(noise).float().clamp(-1, 1)
+
+
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
     return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else (
         contextlib.nullcontext()
@@ -146,6 +157,11 @@ class TrainLoop:
         self.log_rows: list[dict[str, float]] = []
         self.grids: list[torch.Tensor] = []
         self.resumed_from_steps: list[int] = []
+        # Rank 0 of a fresh run publishes what the untrained generator draws (step 0).
+        self.initial_samples = (
+            untrained_samples(generator, self.fixed_noise)
+            if resume_state is None and env.rank == 0 else None
+        )
         if resume_state is not None:
             self._load_models(generator, discriminator, resume_state)
 
@@ -291,16 +307,29 @@ class TrainLoop:
             self.hooks.log_rows(self.pending_rows)
         self.pending_rows = []
 
-    def _epoch_grid(self, epoch: int) -> None:
-        """Rank 0: fixed-noise samples with the running BN statistics (eval mode: no
-        collective, no RNG draw, no buffer update, so resuming stays exact)."""
-        if self.env.rank != 0:
-            return
+    def _fixed_samples(self) -> torch.Tensor:
+        """The fixed-noise samples with the running BN statistics (eval mode: no collective,
+        no RNG draw, no buffer update, so resuming stays exact)."""
         model = unwrap(self.generator)
         model.eval()
         with torch.no_grad(), self.autocast:
             images = model(self.fixed_noise).float().clamp(-1, 1)
         model.train()
+        return images
+
+    def _initial_grid(self) -> None:
+        """Rank 0 of a fresh run, before the first step: the untrained generator's samples, so
+        that the UI's image slider opens (at step 0) on an image. Not kept: grid files are per
+        epoch."""
+        if self.initial_samples is not None:
+            self.hooks.publish_grid(0, 0, self.initial_samples)
+            self.initial_samples = None
+
+    def _epoch_grid(self, epoch: int) -> None:
+        """Rank 0: the fixed-noise samples at the end of `epoch`, kept and published."""
+        if self.env.rank != 0:
+            return
+        images = self._fixed_samples()
         self.grids.append(to_uint8(images).cpu())
         self.hooks.publish_grid(epoch, self.step, images)
 
@@ -368,6 +397,7 @@ class TrainLoop:
         if self.resumed_from_steps and self.env.rank == 0:
             logger.info("resumed from checkpoint at step %d/%d", self.step, self.total_steps)
         result = LoopResult(0, 0, self.resumed_from_steps)
+        self._initial_grid()
         for epoch, images in self._batches(source):
             self.hooks.before_step(self.step + 1)
             real = to_signed(images.to(device, non_blocking=True))

@@ -48,11 +48,12 @@ class WorkerPlan:
 
 
 def storage_path(cfg: Config, layout: Layout) -> str:
-    """Absolute Ray storage: `train.storage_path` (URLs as they are), '' = <root>/.ray_storage."""
+    """Absolute Ray storage: `train.storage_path` (URLs as they are; a relative path under the
+    shared root, which outlives a DVC experiment's copy), '' = <shared root>/.ray_storage."""
     configured = cfg.train.storage_path
     if "://" in configured:
         return configured
-    return str(layout.path(configured) if configured else layout.ray_storage_dir)
+    return str(layout.shared_path(configured) if configured else layout.ray_storage_dir)
 
 
 def check_resources(cfg: Config, available: dict[str, float]) -> None:

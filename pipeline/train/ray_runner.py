@@ -24,8 +24,7 @@ from pipeline.core import tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
-from pipeline.data.grids import make_grid
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, mlflow_run
 from pipeline.train.collectives import all_gather_hex
 from pipeline.train.connect import connect_ray, job_logs_command
 from pipeline.train.loop import LoopEnv, TrainLoop
@@ -41,8 +40,6 @@ from pipeline.train.preflight import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_TO_KEEP = 2
-GRID_KEY = "samples"  # MLflow image key of the per-epoch grids
-GRID_COLUMNS = 8
 
 
 # --- worker side ----------------------------------------------------------------------------------
@@ -56,6 +53,9 @@ class RayHooks:
         self.rank = rank
         self.plan = plan
         self.fault_marker = Path(plan.fault_marker)
+        train = plan.config.train
+        # MLflow steps count images seen, so runs of any worker count overlay.
+        self.global_batch = train.batch_size * train.num_workers
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from ray.train.torch import prepare_model
@@ -88,11 +88,13 @@ class RayHooks:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def log_rows(self, rows: list[dict[str, float]]) -> None:
-        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id, rows)
+        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id,
+                                 mlflow_run.metric_rows(rows, self.global_batch))
 
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
-        grid = make_grid(images, nrow=GRID_COLUMNS)
-        tracking.log_image(self.plan.tracking_uri, self.plan.mlflow_run_id, grid, GRID_KEY, step)
+        tracking.log_image(self.plan.tracking_uri, self.plan.mlflow_run_id,
+                           mlflow_run.grid_image(images), mlflow_run.GRID_KEY,
+                           step * self.global_batch)
 
 
 def train_worker(plan: WorkerPlan) -> dict[str, Any]:

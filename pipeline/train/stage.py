@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,13 @@ from typing import Any
 import torch
 
 from pipeline.core import tracking
-from pipeline.core.config import Config, to_flat_dict
+from pipeline.core.config import Config
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
 from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
-from pipeline.train import connect, ray_runner
+from pipeline.train import connect, mlflow_run, ray_runner
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import check_inputs, make_plan
 
@@ -46,7 +47,7 @@ def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
         old.unlink()  # a shorter rerun must not leave grids of epochs it never had
     for epoch, pixels in enumerate(state["grids"], start=1):
         save_grid(to_signed(pixels), grids_dir / f"epoch_{epoch:03d}.png",
-                  nrow=ray_runner.GRID_COLUMNS)
+                  nrow=mlflow_run.GRID_COLUMNS)
     return record
 
 
@@ -65,19 +66,23 @@ def keep_outputs(tracking_uri: str, run_id: str, layout: Layout) -> None:
 def train(cfg: Config, layout: Layout) -> TrainRun:
     """The train stage: preflight, Ray Train run, outputs; returns the train_run record."""
     inputs = check_inputs(cfg, layout)  # the cheap checks, before Ray starts
-    cfg = ray_runner.resolve_cluster(cfg)
+    requested, cfg = cfg, ray_runner.resolve_cluster(cfg)
     plan = make_plan(cfg, inputs)
+    run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    identity = mlflow_run.identity(cfg, layout, run_name, requested)
     run_id, experiment_id = tracking.start_run(
-        plan.tracking_uri, cfg.mlflow.experiment, to_flat_dict(cfg),
-        tags={"stage": "train", "world_size": str(cfg.train.num_workers)},
+        plan.tracking_uri, cfg.mlflow.experiment, identity.params, run_name=identity.name,
+        tags=identity.tags,
     )
-    run_name = f"dcgan-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     job = connect.submission_id()
-    tracking.set_tags(plan.tracking_uri, run_id,
-                      {"ray_run_name": run_name, **({tracking.JOB_TAG: job} if job else {})})
+    if job:
+        tracking.set_tags(plan.tracking_uri, run_id, {tracking.JOB_TAG: job})
+    tracking.log_text(plan.tracking_uri, run_id, mlflow_run.config_yaml(cfg),
+                      mlflow_run.CONFIG_ARTIFACT)
     logger.info(
-        "training %d epochs x %d steps on %d worker(s); MLflow run %s; Ray run %s",
-        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, run_name,
+        "training %d epochs x %d steps on %d worker(s); MLflow run %s (%r); Ray run %s",
+        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, identity.name,
+        run_name,
     )
     started = time.perf_counter()
     try:
@@ -113,6 +118,8 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     )
     record.save(layout)
     keep_outputs(plan.tracking_uri, run_id, layout)
+    mlflow_run.log_epoch_grids(plan.tracking_uri, run_id,
+                               sorted(layout.train_grids_dir.glob("epoch_*.png")))
     tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
     logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
                 elapsed_s, layout.generator_weights, run_id)
