@@ -190,7 +190,7 @@ def test_readme_recipe_trains_on_two_nodes_then_dvc_evaluates_and_registers(read
     run = client.get_run(train_run.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "train/loss_d")) >= 1
-    assert "fid_classifier" in run.data.metrics
+    assert "eval/fid_classifier" in run.data.metrics
     registered = RegistryRecord.load(layout)
     version = client.get_model_version(registered.name, registered.version)
     assert version.run_id == train_run.mlflow_run_id

@@ -101,7 +101,7 @@ def find_run(client: Any, tracking_uri: str, run_id: str | None, job: str | None
                 f"run {run_id} is not in the tracking store {tracking_uri}: pass --tracking-uri, "
                 "the server the job logged to (its mlflow.tracking_uri)"
             ) from None
-    if run.data.tags.get("stage") != TRAIN_STAGE:
+    if run.data.tags.get(tracking.TAG_STAGE) != TRAIN_STAGE:
         raise UserError(f"run {run.info.run_id} is not a run of the train stage")
     if run.info.status != "FINISHED":
         raise UserError(f"run {run.info.run_id} is {run.info.status}, not FINISHED: only a "
@@ -178,6 +178,22 @@ def stage_param_keys(layout: Layout, stage: str, all_keys: list[str]) -> list[st
             if any(key == name or key.startswith(name + ".") for name in names)]
 
 
+def logged_params(client: Any, run: Any) -> dict[str, str]:
+    """Every parameter the run trained with, as logged text: the run's params (a curated few,
+    for the UI) completed by its full `config.yaml` artifact (as asked for, auto values 0)."""
+    params = dict(run.data.params)
+    with tempfile.TemporaryDirectory(prefix="import-run-config-") as folder:
+        try:
+            path = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, folder)
+        except Exception:
+            return params
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    for section, values in tree.items():
+        for key, value in (values or {}).items():
+            params[f"{section}.{key}"] = str(value)  # as MLflow logs a param
+    return params
+
+
 def param_changes(
     params_path: Path, run_params: dict[str, str], keys: list[str], run_id: str
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
@@ -247,7 +263,7 @@ def import_run(
     run_id = run.info.run_id
     params_path = layout.path(PARAMS_FILE)
     keys = stage_param_keys(layout, TRAIN_STAGE, list(to_flat_dict(load_config(params_path))))
-    changes, kept = param_changes(params_path, run.data.params, keys, run_id)
+    changes, kept = param_changes(params_path, logged_params(client, run), keys, run_id)
     with tempfile.TemporaryDirectory(prefix=".import-run-", dir=layout.root) as staging:
         staged = download(client, run_id, Path(staging))
         train_run = verify(staged, run_id)

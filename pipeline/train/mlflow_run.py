@@ -33,7 +33,7 @@ from pipeline.core.records import DatasetStats
 from pipeline.data.grids import display_copy, make_grid, save_display_copy
 
 STAGE_SCRIPT = "stages/train.py"
-CONFIG_ARTIFACT = "config.yaml"
+CONFIG_ARTIFACT = tracking.CONFIG_ARTIFACT
 GRIDS_ARTIFACT_DIR = "grids"  # epoch_001.png ...: the slider's grids under names that sort
 GRID_KEY = tracking.TRAIN_PREFIX + "samples"  # beside the loss charts in the UI's train section
 GRID_COLUMNS = 8

@@ -72,12 +72,12 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     identity = mlflow_run.identity(cfg, layout, run_name, requested)
     run_id, experiment_id = tracking.start_run(
         plan.tracking_uri, cfg.mlflow.experiment, identity.params, run_name=identity.name,
-        tags=identity.tags,
+        tags={**identity.tags, tracking.TAG_STAGE: "train"},
     )
     job = connect.submission_id()
     if job:
         tracking.set_tags(plan.tracking_uri, run_id, {tracking.JOB_TAG: job})
-    tracking.log_text(plan.tracking_uri, run_id, mlflow_run.config_yaml(cfg),
+    tracking.log_text(plan.tracking_uri, run_id, mlflow_run.config_yaml(requested),
                       mlflow_run.CONFIG_ARTIFACT)
     logger.info(
         "training %d epochs x %d steps on %d worker(s); MLflow run %s (%r); Ray run %s",
