@@ -21,19 +21,6 @@ from pipeline.train.faults import FaultSpec, fault_from_env
 
 
 @dataclass(frozen=True)
-class TrainPlan:
-    """What preflight established on the driver."""
-
-    urls: list[str]
-    split_shape: tuple[int, int, int, int]  # (train samples, C, H, W)
-    steps_per_epoch: int
-    tracking_uri: str
-    storage_path: str
-    fault: FaultSpec | None
-    dataset_sha256: str  # of the shards data/stats.json describes: import-run checks it
-
-
-@dataclass(frozen=True)
 class WorkerPlan:
     """Everything a worker needs, in one typed value (Ray ships it to every worker)."""
 
@@ -82,7 +69,15 @@ class Inputs:
     tracking_uri: str
     storage_path: str
     fault: FaultSpec | None
-    dataset_sha256: str
+    dataset_sha256: str  # of the shards data/stats.json describes: import-run checks it
+
+
+@dataclass(frozen=True)
+class TrainPlan(Inputs):
+    """What preflight established on the driver: the inputs, and the steps once the number
+    of workers is known."""
+
+    steps_per_epoch: int
 
 
 def check_inputs(cfg: Config, layout: Layout) -> Inputs:
@@ -107,8 +102,7 @@ def make_plan(cfg: Config, inputs: Inputs) -> TrainPlan:
     loader.check_plan(inputs.urls, train.num_workers, train.loader_workers)
     steps_per_epoch = loader.steps_per_epoch(inputs.split_shape[0], train.batch_size,
                                              train.num_workers)
-    return TrainPlan(inputs.urls, inputs.split_shape, steps_per_epoch, inputs.tracking_uri,
-                     inputs.storage_path, inputs.fault, inputs.dataset_sha256)
+    return TrainPlan(**vars(inputs), steps_per_epoch=steps_per_epoch)
 
 
 @dataclass(frozen=True)
