@@ -84,6 +84,9 @@ class _DdpHooks:
     def log_rows(self, rows) -> None:
         pass
 
+    def log_quality(self, rows) -> None:
+        pass
+
     def publish_grid(self, epoch, step, images) -> None:
         pass
 

@@ -78,6 +78,9 @@ class LocalHooks:
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
         save_grid(images, self.directory / f"epoch_{epoch:03d}.png", nrow=8)
 
+    def log_quality(self, rows: list[dict[str, float]]) -> None:
+        pass
+
 
 def product_images_per_s(cfg: Config, steps: int, source: training.BatchSource) -> float:
     """Images/s of `TrainLoop.run` over `steps` steps (one epoch), built outside the timing."""

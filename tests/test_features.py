@@ -17,7 +17,8 @@ from pipeline.core.layout import Layout
 from pipeline.core.records import ClassifierRecord
 from pipeline.data import loader
 from pipeline.data.reader import shard_urls
-from pipeline.evaluate import classifier, features
+from pipeline.evaluate import classifier
+from pipeline.metrics import features
 from pipeline.models import inception
 from pipeline.models.classifier import CLASSIFIER_FEATURE_DIM, ClassifierSpec, DomainClassifier
 
@@ -34,7 +35,7 @@ def test_classifier_stage_reaches_98_percent_on_mnist5k_val(featurized_repo):
     assert spec["val_accuracy"] >= 0.98 and report["val_accuracy"] == spec["val_accuracy"]
     assert spec["val_samples"] == 500 and spec["num_classes"] == 10
     # Re-measure from disk: the saved weights (weights_only loading, hash checked) are that good.
-    model, digest = classifier.load_classifier(Layout(featurized_repo))
+    model, digest = features.load_classifier(Layout(featurized_repo))
     assert digest == spec["sha256"]
     val = loader.iter_split(shard_urls("val", str(featurized_repo / "data/shards")),
                             batch_size=250, with_labels=True)

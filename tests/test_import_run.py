@@ -51,10 +51,13 @@ def _job_outputs(root: Path, dataset_sha256: str) -> Layout:
     layout = Layout(root)
     layout.generator_weights.parent.mkdir(parents=True)
     layout.generator_weights.write_bytes(b"generator weights " * 64)
+    layout.raw_generator_weights.write_bytes(b"raw generator weights " * 64)
     GeneratorRecord(spec={"nz": 16}, steps=17, images_seen=4352,
-                    sha256=sha256_file(layout.generator_weights)).save(layout)
+                    sha256=sha256_file(layout.generator_weights), ema_half_life_images=1000,
+                    raw_sha256=sha256_file(layout.raw_generator_weights)).save(layout)
     layout.train_log.parent.mkdir(parents=True)
     layout.train_log.write_text("step,loss_d,loss_g\n10,1.2,0.9\n")
+    layout.train_quality.write_text("step,fid_classifier\n17,30.5\n")
     layout.train_grids_dir.mkdir(parents=True)
     (layout.train_grids_dir / "epoch_001.png").write_bytes(b"\x89PNG grid")
     return layout
@@ -130,7 +133,7 @@ def test_a_run_is_found_by_the_job_that_ran_it(store, tmp_path):
         ({"dataset_sha256": "e" * 64}, "trained on dataset eeeeeeeeeeee, but .* describes "
                                        "dddddddddddd"),
         ({"status": "FAILED"}, "is FAILED, not FINISHED"),
-        ({"older": True}, "has no artifact reports/train_log.csv"),
+        ({"older": True}, "has no artifact models/generator_raw.pt"),
     ],
     ids=["damaged generator", "other data", "unfinished run", "older train stage"],
 )

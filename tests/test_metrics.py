@@ -13,7 +13,8 @@ from pipeline.core.layout import Layout
 from pipeline.data import loader
 from pipeline.data.pixels import to_signed
 from pipeline.data.reader import shard_urls
-from pipeline.evaluate import classifier, features, metrics
+from pipeline.metrics import distances as metrics
+from pipeline.metrics import features
 
 torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscription stalls
 
@@ -93,7 +94,7 @@ def test_classifier_score_rewards_confident_diverse_predictions():
 @pytest.fixture(scope="module")
 def classifier_and_reals(featurized_repo):
     torch.set_num_threads(1)
-    model, _ = classifier.load_classifier(Layout(featurized_repo))
+    model, _ = features.load_classifier(Layout(featurized_repo))
     shards = str(featurized_repo / "data" / "shards")
     train = next(loader.iter_split(shard_urls("train", shards), batch_size=500))[0]
     val, labels = next(loader.iter_split(shard_urls("val", shards), batch_size=500,

@@ -40,6 +40,7 @@ class LocalHooks:
     def __init__(self, world_size: int = 1) -> None:
         self.world_size = world_size
         self.saved: list[dict] = []
+        self.quality: list[dict] = []
 
     def wrap_model(self, model):
         if self.world_size == 1:
@@ -55,6 +56,9 @@ class LocalHooks:
 
     def log_rows(self, rows):
         pass
+
+    def log_quality(self, rows):
+        self.quality.extend(rows)
 
     def publish_grid(self, epoch, step, images):
         pass
@@ -252,12 +256,17 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     ))
 
     final = checkpoints.load_state(resumed["final_checkpoint"])
-    models = {"generator": straight.generator, "discriminator": straight.discriminator}
+    assert straight.ema is not None  # the weight average is on by default
+    models = {"generator": straight.generator, "discriminator": straight.discriminator,
+              "generator_ema": straight.ema.model}
     for part, model in models.items():
         for key, tensor in model.state_dict().items():
             assert torch.equal(tensor, final[part][key]), f"{part}.{key} differs after resume"
-    saved = torch.load(tmp_path / "resumed/models/generator.pt", weights_only=True)
-    assert all(torch.equal(v, straight.generator.state_dict()[k]) for k, v in saved.items())
+    # generator.pt is the average, generator_raw.pt the last step's weights.
+    for name, model in (("generator", straight.ema.model), ("generator_raw", straight.generator)):
+        saved = torch.load(tmp_path / f"resumed/models/{name}.pt", weights_only=True)
+        assert saved.keys() == model.state_dict().keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items()), name
 
 
 # --- preflight ----------------------------------------------------------------------------------

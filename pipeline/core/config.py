@@ -65,11 +65,16 @@ def param(default: Any, check: Check | None = None, doc: str = "") -> Any:
 # --- sections -----------------------------------------------------------------------------------
 
 
+BUILTIN_SOURCE = "mnist5k"  # the dataset that ships with the product (5,000 MNIST digits)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """`data`: where images come from and how they are sharded."""
 
-    source: str = param("mnist5k", doc="mnist5k, a directory of images, or a .zip/.tar/.tar.gz")
+    source: str = param(
+        BUILTIN_SOURCE, doc="mnist5k, a directory of images, or a .zip/.tar/.tar.gz"
+    )
     image_size: int = param(32, power_of_two(16, 128), "side of the square images, px")
     channels: int = param(1, one_of(1, 3), "1 = grayscale, 3 = RGB")
     val_fraction: float = param(0.1, between(0.0, 1.0, high_open=True), "held-out share")
@@ -107,6 +112,12 @@ class TrainConfig:
     beta1: float = param(0.5, between(0.0, 1.0, high_open=True), "Adam beta1")
     beta2: float = param(0.999, between(0.0, 1.0, high_open=True), "Adam beta2")
     precision: str = param("fp32", one_of("fp32", "bf16"), "autocast precision")
+    ema_half_life_images: int = param(
+        10_000, at_least(0), "half-life of the generator's weight average (images); 0 = off"
+    )
+    eval_every_images: int = param(
+        0, at_least(0), "images between in-training quality checks; 0 = every epoch"
+    )
     sync_batchnorm: bool = param(True, doc="batch statistics of the global batch")
     checkpoint_every_steps: int = param(100, at_least(1), "steps between checkpoints")
     log_every_steps: int = param(10, at_least(1), "steps between logged metrics")
@@ -129,7 +140,11 @@ class ClassifierConfig:
     batch_size: int = param(64, at_least(1), "images per step")
     lr: float = param(4e-3, between(0.0, 1.0, low_open=True), "peak Adam lr (one-cycle)")
     seed: int = param(0, at_least(0), "seed of weights and shuffling")
-    min_val_accuracy: float = param(0.0, between(0.0, 1.0), "fail below this val accuracy")
+    min_val_accuracy: float = param(0.0, between(0.0, 1.0), "the bar of a trusted extractor")
+    on_below_min: str = param(
+        "auto", one_of("auto", "error", "weak"),
+        "below the bar: error, or go on with FIDs marked weak; auto = error on mnist5k",
+    )
 
 
 @dataclass(frozen=True)

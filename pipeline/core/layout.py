@@ -25,13 +25,15 @@ from pathlib import Path
 SHARDS_DIR = Path("data/shards")
 MANIFEST = Path("data/manifest.parquet")
 STATS = Path("data/stats.json")
-GENERATOR_WEIGHTS = Path("models/generator.pt")
+GENERATOR_WEIGHTS = Path("models/generator.pt")  # the weight average when train keeps one
+RAW_GENERATOR_WEIGHTS = Path("models/generator_raw.pt")  # the last step's weights
 GENERATOR_RECORD = Path("models/generator.json")
 # A directory out: for unlabelled sources the classifier stage writes only spec.json saying why.
 CLASSIFIER_DIR = Path("models/classifier")
 CLASSIFIER_WEIGHTS_NAME = "weights.pt"
 CLASSIFIER_RECORD_NAME = "spec.json"
 TRAIN_LOG = Path("reports/train_log.csv")
+TRAIN_QUALITY = Path("reports/train_quality.csv")
 TRAIN_RUN = Path("reports/train_run.json")
 TRAIN_GRIDS_DIR = Path("reports/train_grids")
 EVALUATION = Path("reports/evaluation.json")
@@ -111,6 +113,10 @@ class Layout:
         return self.root / GENERATOR_WEIGHTS
 
     @property
+    def raw_generator_weights(self) -> Path:
+        return self.root / RAW_GENERATOR_WEIGHTS
+
+    @property
     def generator_record(self) -> Path:
         return self.root / GENERATOR_RECORD
 
@@ -129,6 +135,10 @@ class Layout:
     @property
     def train_log(self) -> Path:
         return self.root / TRAIN_LOG
+
+    @property
+    def train_quality(self) -> Path:
+        return self.root / TRAIN_QUALITY
 
     @property
     def train_run(self) -> Path:

@@ -156,11 +156,24 @@ class GeneratorRecord(Record):
     steps: int
     images_seen: int
     sha256: str
+    # generator.pt holds the weight average with this half-life (0: the last step's weights,
+    # the same as generator_raw.pt).
+    ema_half_life_images: int = 0
+    raw_sha256: str | None = None  # of generator_raw.pt, the last step's weights
 
     def verified_weights(self, layout: Layout) -> Path:
         """models/generator.pt, checked against `sha256`."""
         verify_sha256(layout.generator_weights, self.sha256, self.path(layout), self.STAGE)
         return layout.generator_weights
+
+    def verified_raw_weights(self, layout: Layout) -> Path | None:
+        """models/generator_raw.pt (the last step's weights), checked against `raw_sha256`;
+        None for a record written before the raw generator was kept."""
+        if self.raw_sha256 is None:
+            return None
+        verify_sha256(layout.raw_generator_weights, self.raw_sha256, self.path(layout),
+                      self.STAGE)
+        return layout.raw_generator_weights
 
 
 @dataclass(frozen=True)
@@ -186,6 +199,9 @@ class ClassifierRecord(Record):
     train_seconds: float | None = None
     dataset_sha256: str | None = None
     class_names: list[str] | None = None
+    # Below classifier.min_val_accuracy with on_below_min=weak: it still serves, and every
+    # FID and coverage measured with it says "weak" (why, here).
+    weak_reason: str | None = None
 
     def verified_weights(self, layout: Layout) -> Path:
         """models/classifier/weights.pt, checked against `sha256`; UserError when skipped."""
@@ -226,6 +242,15 @@ class TrainRun(Record):
     mean_images_per_s: float | None = None
     dataset_sha256: str | None = None  # the data it trained on (data/stats.json)
     ray_job_submission_id: str | None = None  # when run by `ray job submit`
+    # Quality while training (reports/train_quality.csv): where it was best, the last value,
+    # rank 0's seconds spent measuring it, or why it was not measured.
+    quality_best_step: int | None = None
+    quality_best_images_seen: int | None = None
+    quality_best_fid_classifier: float | None = None
+    quality_final_fid_classifier: float | None = None
+    quality_worse_at_end: bool | None = None
+    quality_s: float | None = None
+    quality_skipped_reason: str | None = None
 
     def metrics(self) -> dict[str, Any]:
         return {"steps": self.steps, "images_per_s": round(self.mean_images_per_s or 0.0, 1),
@@ -255,6 +280,8 @@ class Evaluation(Record):
     class_histogram: list[int] | None = None
     fid_skipped_reason: str | None = None
     class_metrics_skipped_reason: str | None = None
+    # The classifier is below its accuracy bar: its FID and coverage are rough (why, here).
+    weak_classifier_reason: str | None = None
 
     def metrics(self) -> dict[str, Any]:
         """FID/KID and their floors, class coverage and the collapse verdict (the full scores

@@ -38,14 +38,17 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRAIN_RUN_ARTIFACTS = {
     "train_run.json": Path("reports/train_run.json"),
     "models/generator.pt": Path("models/generator.pt"),
+    "models/generator_raw.pt": Path("models/generator_raw.pt"),
     "models/generator.json": Path("models/generator.json"),
     "reports/train_log.csv": Path("reports/train_log.csv"),
+    "reports/train_quality.csv": Path("reports/train_quality.csv"),
     "reports/train_grids": Path("reports/train_grids"),
 }
 JOB_TAG = "ray_job_submission_id"  # tag of a run that `ray job submit` ran
 
 TRAIN_PREFIX = "train/"
 EVAL_PREFIX = "eval/"
+QUALITY_PREFIX = "quality/"  # measured while training (pipeline.metrics.probe)
 SYSTEM_PREFIX = "system/"
 HEADLINE_FID = "fid"
 TAG_DESCRIPTION = "mlflow.note.content"  # the UI shows it as the run's description

@@ -16,11 +16,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from pipeline.core.config import BUILTIN_SOURCE
 from pipeline.core.errors import UserError
 from pipeline.data import images
 from pipeline.data.images import IMAGE_EXTENSIONS, TOO_LARGE
 
-MNIST5K = "mnist5k"
+MNIST5K = BUILTIN_SOURCE
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _MNIST_SIDE_PX = 28
 

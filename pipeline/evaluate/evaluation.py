@@ -11,11 +11,9 @@ cached under .cache/features keyed by the shards' hash, the extractor's hash and
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,7 +32,10 @@ from pipeline.data import loader
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import quantize, to_signed
 from pipeline.data.reader import shard_urls
-from pipeline.evaluate import features, metrics, mlflow_log
+from pipeline.evaluate import mlflow_log
+from pipeline.metrics import distances, features
+from pipeline.metrics.features import real_features
+from pipeline.metrics.probe import QualitySummary
 from pipeline.models.dcgan import Generator, GeneratorSpec, latent_noise, load_generator
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,29 @@ WALK_STEPS = 10  # ... of 10 images each
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def load_trained_generator(layout: Layout) -> tuple[Generator, GeneratorRecord]:
-    """The trained generator (eval mode, weights_only loading) and its record; UserError if
-    either file is missing or the weights are not the ones the record names."""
-    record = GeneratorRecord.load(layout)
-    weights = record.verified_weights(layout)
+def _load(weights: Path, record: GeneratorRecord) -> Generator:
     try:
-        return load_generator(weights, GeneratorSpec.from_dict(record.spec)), record
+        return load_generator(weights, GeneratorSpec.from_dict(record.spec))
     except (KeyError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{weights}: cannot load the generator ({first})") from err
+
+
+def load_trained_generator(layout: Layout) -> tuple[Generator, GeneratorRecord]:
+    """The trained generator (the weight average when training kept one; eval mode,
+    weights_only loading) and its record; UserError if either file is missing or the weights
+    are not the ones the record names."""
+    record = GeneratorRecord.load(layout)
+    return _load(record.verified_weights(layout), record), record
+
+
+def load_raw_generator(layout: Layout, record: GeneratorRecord) -> Generator | None:
+    """The last step's weights when generator.pt is their average (else None: nothing else
+    to compare), verified like the average."""
+    raw = record.verified_raw_weights(layout)
+    if record.ema_half_life_images == 0 or raw is None:
+        return None
+    return _load(raw, record)
 
 
 def slerp(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
@@ -83,32 +97,6 @@ def generate(
     return torch.cat(images)
 
 
-# --- cached real features -----------------------------------------------------------------------
-
-
-def real_features(
-    split: str, count: int, extractor: features.FeatureExtractor, stats: DatasetStats,
-    shards: str, batch_size: int, device: torch.device, cache_dir: Path,
-) -> torch.Tensor:
-    """Features of the first `count` samples of `split`, from the cache when the same shards,
-    extractor and N were measured before (plain .npy arrays: nothing is unpickled)."""
-    key = f"{split}-{extractor.name}-{stats.split_hash(split)[:16]}-{extractor.sha256[:16]}"
-    path = cache_dir / f"{key}-n{count}.npy"
-    if path.exists():
-        log.info("real %s features from cache %s", split, path)
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    batches = loader.iter_split(shard_urls(split, shards), batch_size=batch_size, limit=count)
-    found, _ = features.extract(
-        extractor.module, (to_signed(pixels) for pixels, _ in batches), device,
-        desc=f"{extractor.name} features of real {split}", total=math.ceil(count / batch_size),
-    )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npy")
-    np.save(partial, found.numpy(), allow_pickle=False)
-    partial.replace(path)  # atomic: a killed run never leaves a half-written cache entry
-    return found
-
-
 # --- the stage ----------------------------------------------------------------------------------
 
 
@@ -132,12 +120,13 @@ def _distances(name: str, fake: torch.Tensor, train: torch.Tensor, val: torch.Te
                plan: dict[str, int], seed: int) -> dict[str, float]:
     """fid_/kid_<extractor> of generated vs train, and their real-vs-real floors."""
     subset = plan["kid_subset_size"]
-    out: dict[str, float] = {f"fid_{name}": metrics.frechet_distance(train, fake)}
-    out[f"kid_{name}"], out[f"kid_{name}_std"] = metrics.kernel_distance(train, fake, subset, seed)
+    out: dict[str, float] = {f"fid_{name}": distances.frechet_distance(train, fake)}
+    out[f"kid_{name}"], out[f"kid_{name}_std"] = distances.kernel_distance(train, fake, subset,
+                                                                           seed)
     if val is not None and plan["floor_num_samples"] >= 2:
         floor_train = train[: plan["floor_num_samples"]]
-        out[f"fid_{name}_floor"] = metrics.frechet_distance(floor_train, val)
-        out[f"kid_{name}_floor"], _ = metrics.kernel_distance(floor_train, val, subset, seed)
+        out[f"fid_{name}_floor"] = distances.frechet_distance(floor_train, val)
+        out[f"kid_{name}_floor"], _ = distances.kernel_distance(floor_train, val, subset, seed)
     return out
 
 
@@ -148,10 +137,10 @@ def _class_metrics(classifier: features.FeatureExtractor, fake: torch.Tensor, nu
         desc="classifying samples", logits=classifier.logits,
     )
     assert logits is not None
-    coverage = metrics.class_coverage(
+    coverage = distances.class_coverage(
         logits.argmax(1), num_classes, cfg.eval.collapse_min_coverage
     )
-    return {"classifier_score": metrics.classifier_score(logits), **coverage}
+    return {"classifier_score": distances.classifier_score(logits), **coverage}
 
 
 def _grids(fake: torch.Tensor, generator: Generator, nz: int, cfg: Config, layout: Layout,
@@ -176,6 +165,17 @@ def _has_split(split: str, where: str) -> bool:
     except UserError:
         return False
     return True
+
+
+def quality_words(train_run: TrainRun) -> str | None:
+    """What the run's quality while training says (best point, worse at the end), if
+    measured."""
+    if train_run.quality_best_fid_classifier is None:
+        return None
+    return QualitySummary(
+        train_run.quality_best_step or 0, train_run.quality_best_images_seen or 0,
+        train_run.quality_best_fid_classifier, train_run.quality_final_fid_classifier or 0.0,
+    ).words()
 
 
 def evaluate(cfg: Config, layout: Layout) -> Evaluation:
@@ -228,6 +228,15 @@ def evaluate(cfg: Config, layout: Layout) -> Evaluation:
         )
         scores.update(_distances(extractor.name, fake_features, train_features, val_features,
                                  plan, cfg.eval.seed))
+        raw_generator = load_raw_generator(layout, generator_record)
+        if raw_generator is not None:  # the weight average's gain over the last weights
+            raw_fake = quantize(generate(raw_generator, z, cfg.eval.batch_size, device))
+            raw_features, _ = features.extract(
+                extractor.module, torch.split(raw_fake, cfg.eval.batch_size), device,
+                desc=f"{extractor.name} features of the last weights' samples",
+            )
+            scores[f"fid_{extractor.name}_raw"] = distances.frechet_distance(train_features,
+                                                                             raw_features)
     if classifier is not None:
         class_metrics = _class_metrics(classifier, fake, stats.num_classes or 0, cfg, device)
         details["class_histogram"] = class_metrics.pop("class_histogram")
@@ -240,13 +249,15 @@ def evaluate(cfg: Config, layout: Layout) -> Evaluation:
     else:
         details["class_metrics_skipped_reason"] = "no domain classifier (unlabelled data)"
 
+    if classifier is not None and classifier_record is not None:
+        details["weak_classifier_reason"] = classifier_record.weak_reason
     record = Evaluation(feature_extractor=extractor_name or "none", **plan,
                         generator_steps=generator_record.steps, scores=scores, **details)
     record_path = record.save(layout)
     samples, interpolation, reals = grids
     mlflow_log.log_evaluation(
         tracking_uri, train_run.mlflow_run_id, record, step=generator_record.images_seen,
-        root_images=[samples, interpolation],
+        quality=quality_words(train_run), root_images=[samples, interpolation],
         files=[reals, record_path, layout.metrics(Evaluation.STAGE)],
     )
     return record

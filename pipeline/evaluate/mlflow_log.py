@@ -56,6 +56,7 @@ def tags(record: Evaluation) -> dict[str, str]:
         "mode_collapse": None if collapse is None else str(collapse).lower(),
         "fid_skipped_reason": record.fid_skipped_reason,
         "class_metrics_skipped_reason": record.class_metrics_skipped_reason,
+        "weak_classifier": record.weak_classifier_reason,
     }
     found = {EVAL_TAG_PREFIX + key: str(value) for key, value in settings.items()
              if value is not None}
@@ -70,7 +71,12 @@ def _fid_words(record: Evaluation) -> str:
         return "no FID (no feature extractor)"
     floor = record.scores.get(f"fid_{record.feature_extractor}_floor")
     against = f" vs floor {floor:.2f}" if floor is not None else ""
-    return f"FID {fid:.2f}{against} ({record.feature_extractor}, N={record.num_samples})"
+    weak = (f", WEAK: {record.weak_classifier_reason}"
+            if record.feature_extractor == "classifier" and record.weak_classifier_reason else "")
+    raw = record.scores.get(f"fid_{record.feature_extractor}_raw")
+    last = f", last weights {raw:.2f}" if raw is not None else ""
+    return (f"FID {fid:.2f}{against}{last} ({record.feature_extractor}{weak}, "
+            f"N={record.num_samples})")
 
 
 def _collapse_words(record: Evaluation) -> str:
@@ -85,9 +91,10 @@ def _count(number: str, noun: str) -> str:
     return f"{number} {noun}" if number == "1" else f"{number} {noun}s"
 
 
-def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping[str, str]
-                ) -> str:
-    """The run's one-line description, from the evaluation and the run's params and tags."""
+def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping[str, str],
+                quality: str | None = None) -> str:
+    """The run's one-line description, from the evaluation, the run's params and tags and
+    what its quality while training says."""
     def param(key: str) -> str:
         return params.get(key, "?")
 
@@ -97,6 +104,7 @@ def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping
         f"{_count(param('train.num_workers'), 'worker')} × batch {param('train.batch_size')}",
         _fid_words(record),
         _collapse_words(record),
+        *([quality] if quality else []),
     ]
     commit = run_tags.get(provenance.TAG_GIT_COMMIT)
     if commit:
@@ -108,13 +116,16 @@ def description(record: Evaluation, params: Mapping[str, str], run_tags: Mapping
 
 
 def log_evaluation(tracking_uri: str, run_id: str, record: Evaluation, *, step: int,
-                   root_images: Sequence[Path], files: Sequence[Path]) -> None:
-    """Log `record` to the training run `run_id`: metrics at `step`, tags, the description;
-    display copies of `root_images` at the artifact root, `files` under evaluation/."""
+                   root_images: Sequence[Path], files: Sequence[Path],
+                   quality: str | None = None) -> None:
+    """Log `record` to the training run `run_id`: metrics at `step`, tags, the description
+    (with `quality`, the phrase on its quality while training); display copies of
+    `root_images` at the artifact root, `files` under evaluation/."""
     tracking.log_metrics(tracking_uri, run_id, metrics(record), step=step)
     tracking.set_tags(tracking_uri, run_id, tags(record))
     params, run_tags = tracking.run_params_and_tags(tracking_uri, run_id)
-    tracking.set_description(tracking_uri, run_id, description(record, params, run_tags))
+    tracking.set_description(tracking_uri, run_id,
+                             description(record, params, run_tags, quality))
     with tempfile.TemporaryDirectory(prefix="dcgan_display_") as folder:
         for image in root_images:
             copy = save_display_copy(image, Path(folder) / image.name)

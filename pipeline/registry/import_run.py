@@ -141,11 +141,14 @@ def verify(staged: Layout, run_id: str) -> TrainRun:
     """The staged train_run record, after checking the generator against both hashes."""
     train_run = TrainRun.load(staged)
     generator = GeneratorRecord.load(staged)
-    try:
-        generator.verified_weights(staged)
-    except UserError:
-        raise UserError(f"run {run_id}: models/generator.pt does not match the SHA-256 in its "
-                        "models/generator.json (a damaged upload?); nothing was imported") from None
+    for name, check in (("generator.pt", generator.verified_weights),
+                        ("generator_raw.pt", generator.verified_raw_weights)):
+        try:
+            check(staged)
+        except UserError:
+            raise UserError(f"run {run_id}: models/{name} does not match the SHA-256 in its "
+                            "models/generator.json (a damaged upload?); nothing was imported"
+                            ) from None
     if train_run.mlflow_run_id != run_id or train_run.generator_sha256 != generator.sha256:
         raise UserError(f"run {run_id}: its train_run.json names run {train_run.mlflow_run_id} "
                         f"and generator {train_run.generator_sha256[:12]}, not this run's "

@@ -14,7 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.core.errors import UserError
-from pipeline.registry.tags import COMPARABILITY_TAGS, METRIC_TAG_PREFIX
+from pipeline.registry.tags import COMPARABILITY_TAGS, METRIC_TAG_PREFIX, TAG_WEAK_CLASSIFIER
 
 # Tried in order when `promote` is not given --metric: standard FID first, then the domain one.
 DEFAULT_PROMOTE_METRICS = ("fid_inception", "fid_classifier")
@@ -167,6 +167,8 @@ def promote(
         reason = refusal or f"{metric} {value:.6g} beats {_metric_value(holder, metric):.6g}"
     if refusal and force:
         reason = f"forced: {refusal}"
+    if metric.endswith("_classifier") and candidate.tags.get(TAG_WEAK_CLASSIFIER):
+        reason += f" (measured with a WEAK classifier: {candidate.tags[TAG_WEAK_CLASSIFIER]})"
     decision = Decision(
         name=name,
         alias=alias,

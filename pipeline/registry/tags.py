@@ -17,6 +17,7 @@ TAG_EXTRACTOR_SHA = "feature_extractor_sha256"
 TAG_NUM_SAMPLES = "num_samples"
 TAG_NUM_REAL_SAMPLES = "num_real_samples"
 TAG_DATASET_SHA = "dataset_sha256"
+TAG_WEAK_CLASSIFIER = "weak_classifier"  # why the classifier's FID/coverage are rough
 METRIC_TAG_PREFIX = "metric."
 # Tags that releases before the lean registry set on every version (`param.train.lr_g`, ...).
 LEGACY_TAG_PREFIXES = ("param.",)
@@ -42,6 +43,8 @@ def evaluation_tags(evaluation: Evaluation) -> dict[str, str]:
         tags["mode_collapse"] = str(evaluation.mode_collapse).lower()
     if evaluation.fid_skipped_reason:
         tags["fid_skipped_reason"] = evaluation.fid_skipped_reason
+    if evaluation.weak_classifier_reason:
+        tags[TAG_WEAK_CLASSIFIER] = evaluation.weak_classifier_reason
     return tags
 
 

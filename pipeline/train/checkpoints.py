@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the generator average and quality rows
 
 # Keys every checkpoint carries (see `training.TrainLoop.snapshot`).
 REQUIRED_KEYS = (
     "format",
     "generator",
+    "generator_ema",  # None when train.ema_half_life_images is 0
     "discriminator",
     "opt_g",
     "opt_d",
@@ -34,6 +35,7 @@ REQUIRED_KEYS = (
     "spec",
     "world_size",
     "log_rows",
+    "quality_rows",
     "grids",
     "resumed_from_steps",
 )

@@ -29,9 +29,11 @@ from torch import nn
 
 from pipeline.core.config import Config
 from pipeline.data.pixels import to_signed, to_uint8
+from pipeline.metrics.probe import QualityProbe
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
 from pipeline.train import checkpoints
 from pipeline.train.collectives import all_gather, all_gather_hex
+from pipeline.train.ema import GeneratorEma
 from pipeline.train.shm_allreduce import register_ddp_hook
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
@@ -64,6 +66,9 @@ class LoopHooks(Protocol):
         """Rank 0: the fixed-noise samples (N, C, H, W) in [-1, 1] at the end of `epoch`
         (epoch 0, step 0: before training)."""
 
+    def log_quality(self, rows: list[dict[str, float]]) -> None:
+        """Rank 0: new quality rows (`probe.QUALITY_COLUMNS`), batched like `log_rows`."""
+
 
 @dataclass(frozen=True)
 class LoopEnv:
@@ -84,6 +89,7 @@ class LoopResult:
     resumed_from_steps: list[int]
     param_sha256_by_rank: list[str] = field(default_factory=list)
     nonfinite_step: int | None = None
+    quality_s: float = 0.0  # rank 0's time measuring quality (and the average's statistics)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,8 +138,9 @@ class TrainLoop:
         env: LoopEnv,
         hooks: LoopHooks,
         resume_state: dict[str, Any] | None = None,
+        probe: QualityProbe | None = None,
     ) -> None:
-        self.cfg, self.env, self.hooks = cfg, env, hooks
+        self.cfg, self.env, self.hooks, self.probe = cfg, env, hooks, probe
         train = cfg.train
         self.total_steps = train.epochs * env.steps_per_epoch
         self.global_batch = train.batch_size * env.world_size
@@ -155,6 +162,7 @@ class TrainLoop:
 
         self.step = 0
         self.log_rows: list[dict[str, float]] = []
+        self.quality_rows: list[dict[str, float]] = []
         self.grids: list[torch.Tensor] = []
         self.resumed_from_steps: list[int] = []
         # Rank 0 of a fresh run publishes what the untrained generator draws (step 0).
@@ -164,6 +172,14 @@ class TrainLoop:
         )
         if resume_state is not None:
             self._load_models(generator, discriminator, resume_state)
+        self.ema = self._make_ema(generator, resume_state)
+        # The quality batch: fixed noise of N (the evaluate stage's N), drawn from its own
+        # generator so that no training RNG moves.
+        quality_count = probe.num_samples if probe is not None else cfg.eval.num_samples
+        self.quality_noise = torch.randn(
+            quality_count, cfg.model.nz, generator=torch.Generator().manual_seed(train.seed + 1)
+        ).to(env.device)
+        self.ema_refreshed_at_step = -1
 
         if train.sync_batchnorm and env.world_size > 1:
             # Before DDP wrapping: DDP must see the final modules.
@@ -192,6 +208,8 @@ class TrainLoop:
         self.sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         self.first_bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.float64, device=env.device)
         self.pending_rows: list[dict[str, float]] = []
+        self.pending_quality: list[dict[str, float]] = []
+        self.quality_s = 0.0
         self.window_started = time.perf_counter()
         self.window_start_step = self.step
 
@@ -202,11 +220,23 @@ class TrainLoop:
         discriminator.load_state_dict(state["discriminator"])
         self.fixed_noise = state["fixed_noise"].cpu()
 
+    def _make_ema(self, generator: nn.Module, state: dict[str, Any] | None) -> GeneratorEma | None:
+        """Rank 0's weight average (others never need it), from the checkpoint on resume."""
+        half_life = self.cfg.train.ema_half_life_images
+        if self.env.rank != 0 or half_life == 0:
+            return None
+        ema = GeneratorEma(generator, half_life, self.global_batch)
+        if state is not None and state["generator_ema"] is not None:
+            ema.load_state_dict(state["generator_ema"])
+        ema.model.to(self.env.device)
+        return ema
+
     def _load_progress(self, state: dict[str, Any]) -> None:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step = int(state["step"])
         self.log_rows = list(state["log_rows"])
+        self.quality_rows = list(state["quality_rows"])
         self.grids = list(state["grids"])
         self.resumed_from_steps = [*state["resumed_from_steps"], self.step]
         if int(state["world_size"]) == self.env.world_size:
@@ -251,8 +281,9 @@ class TrainLoop:
             for param in d_params:
                 param.requires_grad_(True)
         self.opt_g.step()
-
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(unwrap(generator), self.step * self.global_batch)
         with torch.no_grad():
             losses = torch.stack([loss_d.detach(), loss_g.detach()]).double()
             d_out = torch.stack(
@@ -305,7 +336,44 @@ class TrainLoop:
     def _flush_rows(self) -> None:
         if self.env.rank == 0 and self.pending_rows:
             self.hooks.log_rows(self.pending_rows)
-        self.pending_rows = []
+        if self.env.rank == 0 and self.pending_quality:
+            self.hooks.log_quality(self.pending_quality)
+        self.pending_rows, self.pending_quality = [], []
+
+    def _quality_samples(self) -> torch.Tensor:
+        """The generator evaluate will use, on the quality batch: the weight average with its
+        statistics refreshed, else the raw generator with its running statistics."""
+        if self.ema is None:
+            model = unwrap(self.generator)
+            model.eval()
+            with torch.no_grad():
+                images = model(self.quality_noise).float().clamp(-1, 1)
+            model.train()
+            return images
+        self.ema_refreshed_at_step = self.step
+        return self.ema.refresh_batchnorm(self.quality_noise)
+
+    def _measure_quality(self) -> None:
+        """Rank 0: quality of the current generator (a row), and the average's statistics."""
+        if self.env.rank != 0 or (self.probe is None and self.ema is None):
+            return
+        started = time.perf_counter()
+        images = self._quality_samples()
+        if self.probe is not None:
+            row = {"step": self.step, "epoch": (self.step - 1) // self.env.steps_per_epoch + 1,
+                   "images_seen": self.step * self.global_batch, **self.probe.measure(images)}
+            self.quality_rows.append(row)
+            self.pending_quality.append(row)
+            logger.info("step %d: fid_classifier=%.2f, %d classes hit", self.step,
+                        row["fid_classifier"], row["classes_hit"])
+        self.quality_s += time.perf_counter() - started
+
+    def _at_quality_point(self, at_epoch_end: bool) -> bool:
+        every = self.cfg.train.eval_every_images
+        if not every:
+            return at_epoch_end
+        images = self.step * self.global_batch
+        return images // every > (images - self.global_batch) // every
 
     def _fixed_samples(self) -> torch.Tensor:
         """The fixed-noise samples with the running BN statistics (eval mode: no collective,
@@ -335,9 +403,13 @@ class TrainLoop:
 
     def snapshot(self, rng_by_rank: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The full train state (rank 0): plain state dicts, optimizers, progress, RNGs."""
+        if self.ema is not None and self.ema_refreshed_at_step != self.step:
+            self.ema_refreshed_at_step = self.step
+            self.ema.refresh_batchnorm(self.quality_noise)
         return {
             "format": checkpoints.FORMAT_VERSION,
             "generator": {k: v.cpu() for k, v in unwrap(self.generator).state_dict().items()},
+            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
             "discriminator": {
                 k: v.cpu() for k, v in unwrap(self.discriminator).state_dict().items()
             },
@@ -352,6 +424,7 @@ class TrainLoop:
             "spec": self.spec.to_dict(),
             "world_size": self.env.world_size,
             "log_rows": list(self.log_rows),
+            "quality_rows": list(self.quality_rows),
             "grids": list(self.grids),
             "resumed_from_steps": list(self.resumed_from_steps),
         }
@@ -416,6 +489,8 @@ class TrainLoop:
                     break
             if at_epoch_end:
                 self._epoch_grid(epoch + 1)
+            if at_end or self._at_quality_point(at_epoch_end):
+                self._measure_quality()
             if at_checkpoint or at_epoch_end:
                 self._flush_rows()
             if at_checkpoint:
@@ -426,4 +501,5 @@ class TrainLoop:
         result.steps = self.step if result.nonfinite_step is None else result.nonfinite_step - 1
         result.images_seen = result.steps * self.global_batch
         result.resumed_from_steps = list(self.resumed_from_steps)
+        result.quality_s = self.quality_s
         return result

@@ -9,7 +9,8 @@ shape it, its tags, and the names and steps of its metrics and grids (README, "C
   the rest (data settings, storage paths, retries, logging intervals) is in `config.yaml`.
 * Tags: user, source and commit (the UI's columns), the DVC experiment and its baseline commit,
   the Ray run name, the dataset hash.
-* Metrics: `train/…` and `system/images_per_s` at step = training images seen; the grids as
+* Metrics: `train/…`, `quality/…` (FID and class coverage while training) and
+  `system/images_per_s` at step = training images seen; the grids as
   images (`train/samples`, the UI's slider) and, in epoch order, as `grids/epoch_NNN.png`.
 """
 
@@ -58,6 +59,11 @@ METRIC_KEYS = {
     "d_real": tracking.TRAIN_PREFIX + "d_real",  # D(x)
     "d_fake": tracking.TRAIN_PREFIX + "d_fake",  # D(G(z))
     "images_per_s": tracking.SYSTEM_PREFIX + "images_per_s",
+}
+# Quality-row column -> MLflow metric key: a section of its own, charted against images seen.
+QUALITY_KEYS = {
+    "fid_classifier": tracking.QUALITY_PREFIX + "fid_classifier",
+    "class_coverage": tracking.QUALITY_PREFIX + "class_coverage",
 }
 
 
@@ -141,6 +147,12 @@ def metric_rows(rows: Sequence[Mapping[str, float]], global_batch: int) -> list[
          **{key: row[column] for column, key in METRIC_KEYS.items()}}
         for row in rows
     ]
+
+
+def quality_metric_rows(rows: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    """In-training quality rows -> MLflow rows: QUALITY_KEYS names, step = images seen."""
+    return [{"step": int(row["images_seen"]),
+             **{key: row[column] for column, key in QUALITY_KEYS.items()}} for row in rows]
 
 
 def grid_image(images: torch.Tensor) -> Any:

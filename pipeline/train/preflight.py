@@ -1,4 +1,5 @@
-"""Every check of the train stage that needs no worker, cheapest first, the choice of workers
+"""Every check of the train stage that needs no worker, cheapest first (the last one also
+measures the real features that quality during training is compared with), the choice of workers
 when `train.num_workers` / `train.cpus_per_worker` are 0 (auto), and the typed plan the workers
 receive. Each failure is one UserError line, before any worker starts."""
 
@@ -17,6 +18,7 @@ from pipeline.core.layout import Layout
 from pipeline.core.records import DatasetStats
 from pipeline.data import loader
 from pipeline.data.reader import shard_urls
+from pipeline.metrics.probe import QualityReference, quality_reference
 from pipeline.train.faults import FaultSpec, fault_from_env
 
 
@@ -32,6 +34,7 @@ class WorkerPlan:
     mlflow_run_id: str
     fault: FaultSpec | None
     fault_marker: str
+    quality: QualityReference | None  # what rank 0 measures quality against, if anything
 
 
 def storage_path(cfg: Config, layout: Layout) -> str:
@@ -70,6 +73,8 @@ class Inputs:
     storage_path: str
     fault: FaultSpec | None
     dataset_sha256: str  # of the shards data/stats.json describes: import-run checks it
+    quality: QualityReference | None
+    quality_reason: str  # what quality is measured while training, or why none
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,9 @@ def check_inputs(cfg: Config, layout: Layout) -> Inputs:
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow, layout.root)
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
+    quality, quality_reason = quality_reference(cfg, layout)
     return Inputs(urls, split_shape, tracking_uri, storage_path(cfg, layout), fault,
-                  stats.dataset_sha256)
+                  stats.dataset_sha256, quality, quality_reason)
 
 
 def make_plan(cfg: Config, inputs: Inputs) -> TrainPlan:
@@ -143,4 +149,4 @@ def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Wor
     """The plan every worker of run `run_name` receives."""
     marker = Path(plan.storage_path) / run_name / "fault_injected"
     return WorkerPlan(cfg, plan.urls, plan.split_shape, plan.steps_per_epoch, plan.tracking_uri,
-                      run_id, plan.fault, str(marker))
+                      run_id, plan.fault, str(marker), plan.quality)

@@ -24,6 +24,7 @@ from pipeline.core import tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
+from pipeline.metrics.probe import QualityProbe
 from pipeline.train import checkpoints, mlflow_run
 from pipeline.train.collectives import all_gather_hex
 from pipeline.train.connect import connect_ray, job_logs_command
@@ -91,6 +92,10 @@ class RayHooks:
         tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id,
                                  mlflow_run.metric_rows(rows, self.global_batch))
 
+    def log_quality(self, rows: list[dict[str, float]]) -> None:
+        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id,
+                                 mlflow_run.quality_metric_rows(rows))
+
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
         tracking.log_image(self.plan.tracking_uri, self.plan.mlflow_run_id,
                            mlflow_run.grid_image(images), mlflow_run.GRID_KEY,
@@ -117,7 +122,8 @@ def train_worker(plan: WorkerPlan) -> dict[str, Any]:
             state = checkpoints.load_state(directory)
 
     env = LoopEnv(rank, world_size, device, plan.steps_per_epoch)
-    loop = TrainLoop(cfg, env, RayHooks(rank, plan), state)
+    probe = QualityProbe(plan.quality, device) if rank == 0 and plan.quality else None
+    loop = TrainLoop(cfg, env, RayHooks(rank, plan), state, probe)
     batches = training_batches(
         plan.urls, cache=cfg.train.data_cache, split_shape=plan.split_shape,
         batch_size=cfg.train.batch_size, rank=rank, world_size=world_size,

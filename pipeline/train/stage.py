@@ -20,6 +20,7 @@ from pipeline.core.layout import Layout
 from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
+from pipeline.metrics.probe import QUALITY_COLUMNS, summarise
 from pipeline.train import connect, mlflow_run, ray_runner
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import check_inputs, make_plan
@@ -27,20 +28,36 @@ from pipeline.train.preflight import check_inputs, make_plan
 logger = logging.getLogger(__name__)
 
 
-def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
-    """Stage outputs from a final checkpoint: generator weights + record, log CSV, grids."""
-    weights = layout.generator_weights
+def _save_generators(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
+    """generator.pt (the weight average when there is one, else the last weights), the last
+    weights as generator_raw.pt (always: a fixed set of outputs), and their record."""
+    weights, raw = layout.generator_weights, layout.raw_generator_weights
     weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state["generator"], weights)
+    averaged = state["generator_ema"]
+    torch.save(averaged if averaged is not None else state["generator"], weights)
+    torch.save(state["generator"], raw)
+    half_life = state["config"]["train"]["ema_half_life_images"] if averaged is not None else 0
     record = GeneratorRecord(spec=state["spec"], steps=state["step"],
-                             images_seen=state["images_seen"], sha256=sha256_file(weights))
+                             images_seen=state["images_seen"], sha256=sha256_file(weights),
+                             ema_half_life_images=half_life, raw_sha256=sha256_file(raw))
     record.save(layout)
+    return record
 
-    layout.train_log.parent.mkdir(parents=True, exist_ok=True)
-    with layout.train_log.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({key: row[key] for key in LOG_COLUMNS} for row in state["log_rows"])
+        writer.writerows({key: row[key] for key in columns} for row in rows)
+
+
+def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
+    """Stage outputs from a final checkpoint: generator weights + record, the training and
+    quality logs (CSV), grids."""
+    record = _save_generators(state, layout)
+    _write_csv(layout.train_log, LOG_COLUMNS, state["log_rows"])
+    _write_csv(layout.train_quality, QUALITY_COLUMNS, state["quality_rows"])
 
     grids_dir = layout.train_grids_dir
     for old in grids_dir.glob("epoch_*.png"):
@@ -80,9 +97,9 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     tracking.log_text(plan.tracking_uri, run_id, mlflow_run.config_yaml(requested),
                       mlflow_run.CONFIG_ARTIFACT)
     logger.info(
-        "training %d epochs x %d steps on %d worker(s); MLflow run %s (%r); Ray run %s",
-        cfg.train.epochs, plan.steps_per_epoch, cfg.train.num_workers, run_id, identity.name,
-        run_name,
+        "training %d epochs x %d steps on %d worker(s); MLflow run %s (%r); Ray run %s; "
+        "quality while training: %s", cfg.train.epochs, plan.steps_per_epoch,
+        cfg.train.num_workers, run_id, identity.name, run_name, plan.quality_reason,
     )
     started = time.perf_counter()
     try:
@@ -93,6 +110,7 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
     generator = write_outputs(state, layout)
     elapsed_s = time.perf_counter() - started
     rows = state["log_rows"]
+    quality = summarise(state["quality_rows"])
     record = TrainRun(
         mlflow_run_id=run_id,
         mlflow_experiment_id=experiment_id,
@@ -115,12 +133,22 @@ def train(cfg: Config, layout: Layout) -> TrainRun:
         mean_images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
         dataset_sha256=plan.dataset_sha256,
         ray_job_submission_id=job,
+        quality_best_step=quality.best_step if quality else None,
+        quality_best_images_seen=quality.best_images_seen if quality else None,
+        quality_best_fid_classifier=quality.best_fid_classifier if quality else None,
+        quality_final_fid_classifier=quality.final_fid_classifier if quality else None,
+        quality_worse_at_end=quality.worse_at_end if quality else None,
+        quality_s=round(outcome.get("quality_s", 0.0), 1),
+        quality_skipped_reason=None if plan.quality else plan.quality_reason,
     )
     record.save(layout)
     keep_outputs(plan.tracking_uri, run_id, layout)
     mlflow_run.log_epoch_grids(plan.tracking_uri, run_id,
                                sorted(layout.train_grids_dir.glob("epoch_*.png")))
     tracking.end_run(plan.tracking_uri, run_id, "FINISHED")
-    logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s", state["step"],
-                elapsed_s, layout.generator_weights, run_id)
+    if quality is not None:
+        tracking.set_description(plan.tracking_uri, run_id, f"trained: {quality.words()}")
+    logger.info("trained %d steps in %.0f s; generator: %s; MLflow run %s; %s", state["step"],
+                elapsed_s, layout.generator_weights, run_id,
+                quality.words() if quality else plan.quality_reason)
     return record

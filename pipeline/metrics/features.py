@@ -2,13 +2,18 @@
 (N, C, H, W) in [-1, 1] at the dataset's size -> features (N, D) float32; `num_features`
 tells D (torchmetrics reads it). Two are available: the standard FID Inception v3
 (`pipeline.models.inception`, when its weights are on disk) and the domain classifier that
-the `classifier` stage trains (`pipeline.evaluate.classifier`)."""
+the `classifier` stage trains. Real features are cached on disk, keyed by the shards, the
+extractor and N, so training's quality probe and the evaluate stage measure them once."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -16,9 +21,11 @@ from tqdm import tqdm
 from pipeline.core.config import EvalConfig
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
-from pipeline.core.records import ClassifierRecord
-from pipeline.data.pixels import quantize
-from pipeline.evaluate.classifier import load_classifier
+from pipeline.core.records import ClassifierRecord, DatasetStats
+from pipeline.data import loader
+from pipeline.data.pixels import quantize, to_signed
+from pipeline.data.reader import shard_urls
+from pipeline.models.classifier import ClassifierSpec, DomainClassifier
 from pipeline.models.inception import (
     INCEPTION_FILENAMES,
     find_inception_weights,
@@ -26,6 +33,8 @@ from pipeline.models.inception import (
     load_inception,
     missing_inception_message,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +46,17 @@ class FeatureExtractor:
     sha256: str
     module: nn.Module
     logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def load_classifier(layout: Layout) -> tuple[DomainClassifier, str]:
+    """The trained classifier (eval mode) and its weights' SHA-256, verified against its
+    record; UserError when the stage has not run or skipped it."""
+    record = ClassifierRecord.load(layout)
+    weights = record.verified_weights(layout)
+    assert record.arch is not None and record.sha256 is not None
+    model = DomainClassifier(ClassifierSpec.from_dict(record.arch))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), record.sha256
 
 
 def resolve_extractor_name(eval_cfg: EvalConfig, layout: Layout) -> tuple[str | None, str]:
@@ -91,3 +111,26 @@ def extract(
             if logits is not None:
                 scores.append(logits(batch).double().cpu())
     return torch.cat(features), (torch.cat(scores) if logits is not None else None)
+
+
+def real_features(
+    split: str, count: int, extractor: FeatureExtractor, stats: DatasetStats,
+    shards: str, batch_size: int, device: torch.device, cache_dir: Path,
+) -> torch.Tensor:
+    """Features of the first `count` samples of `split`, from the cache when the same shards,
+    extractor and N were measured before (plain .npy arrays: nothing is unpickled)."""
+    key = f"{split}-{extractor.name}-{stats.split_hash(split)[:16]}-{extractor.sha256[:16]}"
+    path = cache_dir / f"{key}-n{count}.npy"
+    if path.exists():
+        log.info("real %s features from cache %s", split, path)
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    batches = loader.iter_split(shard_urls(split, shards), batch_size=batch_size, limit=count)
+    found, _ = extract(
+        extractor.module, (to_signed(pixels) for pixels, _ in batches), device,
+        desc=f"{extractor.name} features of real {split}", total=math.ceil(count / batch_size),
+    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, found.numpy(), allow_pickle=False)
+    partial.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    return found
