@@ -5,9 +5,12 @@
 # Carry the missing pure-Python wheels from a machine with PyPI access, in the repo root:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
 #       webdataset==1.0.2 braceexpand==0.1.7
+# (for `--tests`, also pytest and its pure-Python dependencies: pluggy, iniconfig, packaging)
 # (any other missing package the same way; binary ones need --python-version/--platform of the
 # GPU machine). Copy the repo with .whl/ to the GPU machine and run, from the repo root:
 #   bash benchmarks/gpu.sh [--steps 200 --repeats 3 --batch-size 128 --output gpu.json]
+#       [--cache-images 200000]      # also time the decoded-cache build for 200,000 images
+#   bash benchmarks/gpu.sh --tests [...]   # first tests/test_gpu.py (captured step, resume)
 # The wheels are installed with `pip --target` into a private directory put on PYTHONPATH:
 # nothing in the machine's Python is changed. No Ray, MLflow or DVC is needed.
 set -euo pipefail
@@ -33,4 +36,8 @@ if not torch.cuda.is_available():
 print(f"gpu.sh: torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+if [[ "${1:-}" == "--tests" ]]; then
+    shift
+    "$PYTHON" -m pytest tests/test_gpu.py -ra -p no:cacheprovider
+fi
 exec "$PYTHON" -m benchmarks.gpu "$@"

@@ -23,7 +23,9 @@ class PlainDCGAN:
     """Models + optimisers; `step(real, noise)` is one DCGAN update."""
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", *,
-                 channels_last: bool = False, wrap: Any = None) -> None:
+                 channels_last: bool = False, wrap: Any = None, graph_safe: bool = False) -> None:
+        """`graph_safe`: fused, capturable Adam and no autocast cast cache, so that `step` can
+        be recorded as one CUDA graph (`pipeline.train.captured.capture`); CUDA only."""
         torch.manual_seed(cfg.train.seed)
         device = torch.device(device)
         spec = GeneratorSpec(cfg.model.nz, cfg.model.ngf, cfg.data.image_size, cfg.data.channels)
@@ -39,14 +41,14 @@ class PlainDCGAN:
         self.discriminator = wrap(discriminator) if wrap else discriminator
         # Parameters of the wrapped models: a sync-BN conversion inside `wrap` shares them.
         self.d_params = list(self.discriminator.parameters())
-        betas = (cfg.train.beta1, cfg.train.beta2)
-        self.opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=cfg.train.lr_g, betas=betas
-        )
-        self.opt_d = torch.optim.Adam(self.d_params, lr=cfg.train.lr_d, betas=betas)
+        adam = {"betas": (cfg.train.beta1, cfg.train.beta2),
+                **({"fused": True, "capturable": True} if graph_safe else {})}
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.train.lr_g, **adam)
+        self.opt_d = torch.optim.Adam(self.d_params, lr=cfg.train.lr_d, **adam)
         self.criterion = nn.BCEWithLogitsLoss()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=cfg.train.precision == "bf16")
+                                       enabled=cfg.train.precision == "bf16",
+                                       cache_enabled=not graph_safe)
         self.no_sync = getattr(self.discriminator, "no_sync", contextlib.nullcontext)
         self.device = device
 

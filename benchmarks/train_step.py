@@ -43,6 +43,7 @@ from benchmarks.plain_loop import PlainDCGAN, random_batches
 from pipeline.core.config import Config
 from pipeline.data import loader as data
 from pipeline.data.grids import save_grid
+from pipeline.data.pixels import to_signed
 from pipeline.data.reader import shard_urls
 from pipeline.train import checkpoints
 from pipeline.train import loop as training
@@ -109,7 +110,7 @@ def fixed_costs_s(cfg: Config, pool: list[torch.Tensor], device: torch.device = 
                 "checkpoint": lambda: loop._checkpoint({}), "param_digests": loop._digests}
         for _ in range(3):
             for name, action in work.items():
-                loop.train_step(pool[0].to(device), noise)
+                loop._step(to_signed(pool[0].to(device)), noise)  # captured where it is
                 sync()
                 started = time.perf_counter()
                 action()

@@ -127,6 +127,10 @@ class TrainConfig:
         "where each worker keeps the decoded train split; auto = device, else host, else stream",
     )
     loader_workers: int = param(1, at_least(0), "DataLoader processes per worker (stream only)")
+    compile: str = param(
+        "auto", one_of("auto", "off"),
+        "auto = the D+G step as one CUDA graph on a GPU (else eager, reason logged); off = eager",
+    )
     seed: int = param(0, at_least(0), "seed of weights, noise and shuffling")
     storage_path: str = param("", doc="Ray checkpoint storage; '' = .ray_storage in the repo")
     shards: str = param("", doc="shard directory or fsspec URL; '' = data/shards")
@@ -226,6 +230,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads an unquoted off/on (also no/yes, false/true) as a bool, and so do
+            # `-S key=off` and DVC: a string parameter takes it as the word off/on.
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -31,7 +31,7 @@ from pipeline.core.config import Config
 from pipeline.data.pixels import to_signed, to_uint8
 from pipeline.metrics.probe import QualityProbe
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
-from pipeline.train import checkpoints
+from pipeline.train import captured, checkpoints
 from pipeline.train.collectives import all_gather, all_gather_hex
 from pipeline.train.ema import GeneratorEma
 from pipeline.train.shm_allreduce import register_ddp_hook
@@ -144,8 +144,12 @@ class TrainLoop:
         train = cfg.train
         self.total_steps = train.epochs * env.steps_per_epoch
         self.global_batch = train.batch_size * env.world_size
+        # A CUDA graph must not keep autocast's cast cache across replays: off wherever the step
+        # may be captured (the same numbers, a few more casts).
+        blocker = captured.capture_blocker(train.compile, env.device, env.world_size, ())
         self.autocast = torch.autocast(
-            device_type=env.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"
+            device_type=env.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16",
+            cache_enabled=blocker is not None,
         )
         self.spec = generator_spec(cfg)
 
@@ -212,6 +216,7 @@ class TrainLoop:
         self.quality_s = 0.0
         self.window_started = time.perf_counter()
         self.window_start_step = self.step
+        self._choose_step()
 
     # --- resume ---------------------------------------------------------------------------------
 
@@ -250,9 +255,45 @@ class TrainLoop:
 
     # --- one step -------------------------------------------------------------------------------
 
-    def train_step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
+    def _choose_step(self) -> None:
+        """Captured (one CUDA graph, `train.compile: auto` on a GPU) or eager `train_step`:
+        sets `step_mode` and `step_mode_reason`, logged once. After the resume state is
+        loaded, so the graph is recorded over the live (resumed) tensors."""
+        cfg, env = self.cfg, self.env
+        choice = captured.choose_step(
+            cfg.train.compile, device=env.device, world_size=env.world_size,
+            update=self.train_step,
+            state=captured.StepState((self.generator, self.discriminator),
+                                     (self.opt_g, self.opt_d), (self.sums, self.first_bad_step)),
+            real_shape=(cfg.train.batch_size, cfg.data.channels, cfg.data.image_size,
+                        cfg.data.image_size),
+            noise_shape=(cfg.train.batch_size, cfg.model.nz),
+        )
+        self.step_mode, self.step_mode_reason = choice.mode, choice.reason
+        self.captured_step = choice.captured
+        if env.rank == 0:
+            logger.info("train step: %s (%s)", self.step_mode, self.step_mode_reason)
+
+    def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
+        """One step the chosen way (a replay of the captured graph, or `train_step`), then
+        the weight average's update, outside any graph."""
+        if self.captured_step is None:
+            self.train_step(real, noise)
+        else:
+            self.step += 1
+            self.captured_step(real, noise, self.step)
+        if self.ema is not None:
+            self.ema.update(unwrap(self.generator), self.step * self.global_batch)
+
+    def train_step(
+        self, real: torch.Tensor, noise: torch.Tensor, step: torch.Tensor | None = None
+    ) -> None:
         """One DCGAN update: D on real and on fake.detach(), then G with the non-saturating
-        loss BCE(D(G(z)), 1). Statistics accumulate on the device (no host sync)."""
+        loss BCE(D(G(z)), 1). Statistics accumulate on the device (no host sync).
+
+        `step`: None counts `self.step` here (eager); a device tensor holding the step's number
+        when the step is being recorded as a CUDA graph (`captured.py`), whose replays must
+        not depend on Python state."""
         generator, discriminator, criterion = self.generator, self.discriminator, self.criterion
 
         # D: both forwards, ONE backward, so DDP all-reduces D's gradients once per step.
@@ -281,9 +322,9 @@ class TrainLoop:
             for param in d_params:
                 param.requires_grad_(True)
         self.opt_g.step()
-        self.step += 1
-        if self.ema is not None:
-            self.ema.update(unwrap(generator), self.step * self.global_batch)
+
+        if step is None:
+            self.step += 1
         with torch.no_grad():
             losses = torch.stack([loss_d.detach(), loss_g.detach()]).double()
             d_out = torch.stack(
@@ -292,9 +333,11 @@ class TrainLoop:
             ).double()
             self.sums += torch.cat([losses, d_out, losses.new_ones(1)])
             finite = torch.isfinite(losses).all()
-            self.first_bad_step = torch.where(
-                finite, self.first_bad_step, self.first_bad_step.clamp(max=float(self.step))
-            )
+            number = float(self.step) if step is None else step
+            # In place: a captured graph keeps writing to the tensor it was recorded with.
+            self.first_bad_step.copy_(torch.where(
+                finite, self.first_bad_step, self.first_bad_step.clamp(max=number)
+            ))
 
     # --- sync points ----------------------------------------------------------------------------
 
@@ -475,7 +518,7 @@ class TrainLoop:
             self.hooks.before_step(self.step + 1)
             real = to_signed(images.to(device, non_blocking=True))
             noise = torch.randn(batch_size, nz, device=device, generator=self.noise_rng)
-            self.train_step(real, noise)
+            self._step(real, noise)
 
             step = self.step
             at_end = step == self.total_steps

@@ -1,0 +1,180 @@
+"""The captured step on a real GPU: world size 1 under NCCL, `train.compile: auto`, one epoch
+and more, a checkpoint, a crash, a resume, and the parameter digest of an uninterrupted run.
+
+Skipped (with the reason printed by `-ra`) where CUDA is absent. Needs only torch and this
+repository (no Ray, MLflow, DVC or webdataset): the GPU machine has none of them. The loop is
+the one Ray runs; the hooks do what Ray's do for one GPU worker (`prepare_model` moves the
+model and adds no DDP wrapper at world size 1), plus the SyncBatchNorm and channels_last of
+`benchmarks/gpu.py`, so the graph records the modules a multi-GPU worker runs.
+
+    python -m pytest tests/test_gpu.py -ra
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from devtools.ports import free_port
+from pipeline.core.config import Config, load_config
+from pipeline.train import checkpoints
+from pipeline.train import loop as training
+from pipeline.train.sync_bn import convert_sync_batchnorm
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU here: the captured step needs one"
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cuda", 0)
+STEPS_PER_EPOCH = 8
+BATCH = 32
+
+
+class InjectedCrashError(Exception):
+    """The fault a test injects before a step."""
+
+
+class GpuHooks:
+    """`training.LoopHooks` of one GPU worker without Ray; checkpoints go to `directory`."""
+
+    def __init__(self, directory: Path, crash_at: int | None = None, ddp: bool = False) -> None:
+        self.directory, self.crash_at, self.ddp = directory, crash_at, ddp
+        self.saved: list[Path] = []
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = convert_sync_batchnorm(model, DEVICE).to(DEVICE, memory_format=torch.channels_last)
+        if self.ddp:
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=[DEVICE.index])
+        return model
+
+    def before_step(self, step: int) -> None:
+        if step == self.crash_at:
+            raise InjectedCrashError(f"injected before step {step}")
+
+    def save_checkpoint(self, state, metrics) -> None:
+        if state is not None:  # written to disk as Ray persists it, read back weights_only
+            target = self.directory / f"checkpoint_{metrics['step']:04d}"
+            checkpoints.save_state(state, target)
+            self.saved.append(target)
+
+    def log_rows(self, rows) -> None:
+        pass
+
+    def publish_grid(self, epoch, step, images) -> None:
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nccl_world_of_one():
+    """A one-rank NCCL process group, as a Ray Train GPU worker has; deterministic cuDNN, so
+    that two runs of the same steps can be compared bit for bit."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=DEVICE)
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    dist.destroy_process_group()
+
+
+def gpu_config(*overrides: str) -> Config:
+    return load_config(REPO_ROOT / "params.yaml", [
+        "data.image_size=32", "model.nz=32", "model.ngf=16", "model.ndf=16",
+        f"train.batch_size={BATCH}", "train.epochs=2", "train.checkpoint_every_steps=5",
+        "train.log_every_steps=3", "train.use_gpu=true", *overrides,
+    ])
+
+
+def device_source(nan_at_step: int | None = None) -> training.BatchSource:
+    """Deterministic uint8 batches already on the GPU (as the device cache hands them out);
+    optionally one batch of NaNs at a global step."""
+    pixels = torch.Generator().manual_seed(3)
+    pool = [torch.randint(0, 256, (BATCH, 1, 32, 32), generator=pixels, dtype=torch.uint8)
+            .to(DEVICE) for _ in range(2 * STEPS_PER_EPOCH)]
+
+    def source(epoch: int, skip: int):
+        for index in range(skip, STEPS_PER_EPOCH):
+            step = epoch * STEPS_PER_EPOCH + index + 1
+            if step == nan_at_step:
+                yield torch.full(pool[0].shape, float("nan"), device=DEVICE), None
+            else:
+                yield pool[step - 1], None
+
+    return source
+
+
+def new_loop(cfg: Config, hooks: GpuHooks, state: dict | None = None) -> training.TrainLoop:
+    env = training.LoopEnv(0, 1, DEVICE, steps_per_epoch=STEPS_PER_EPOCH)
+    return training.TrainLoop(cfg, env, hooks, state)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_captured_run_resumed_after_a_crash_ends_with_the_uninterrupted_digest(
+    precision, tmp_path
+):
+    cfg = gpu_config(f"train.precision={precision}", "train.compile=auto")
+    straight = new_loop(cfg, GpuHooks(tmp_path / "straight"))
+    assert straight.step_mode == "captured", straight.step_mode_reason
+    expected = straight.run(device_source())
+    assert expected.steps == 2 * STEPS_PER_EPOCH
+
+    crashing_hooks = GpuHooks(tmp_path / "crashed", crash_at=STEPS_PER_EPOCH + 3)
+    crashing = new_loop(cfg, crashing_hooks)
+    with pytest.raises(InjectedCrashError):
+        crashing.run(device_source())
+    last = crashing_hooks.saved[-1]  # step 10: a whole epoch and two steps of the next
+    state = checkpoints.load_state(last)
+    assert state["step"] == 10
+
+    resumed = new_loop(cfg, GpuHooks(tmp_path / "resumed"), state)
+    assert resumed.step_mode == "captured", resumed.step_mode_reason
+    result = resumed.run(device_source())
+    assert result.resumed_from_steps == [10] and result.steps == 2 * STEPS_PER_EPOCH
+    assert result.param_sha256_by_rank == expected.param_sha256_by_rank
+    assert training.param_sha256(resumed.generator, resumed.discriminator) == (
+        training.param_sha256(straight.generator, straight.discriminator))
+    assert resumed.log_rows[-1] == {**straight.log_rows[-1],
+                                    "images_per_s": resumed.log_rows[-1]["images_per_s"]}
+
+
+def test_the_captured_step_trains_like_the_eager_one(tmp_path):
+    """Same data, same noise: the graph's replays end near the eager steps (capturable Adam
+    keeps its step counter on the device, so the last bits may differ)."""
+    captured, eager = (new_loop(gpu_config(f"train.compile={mode}", "train.epochs=1"),
+                                GpuHooks(tmp_path / mode)) for mode in ("auto", "off"))
+    assert (captured.step_mode, eager.step_mode) == ("captured", "eager")
+    captured.run(device_source())
+    eager.run(device_source())
+    for mine, theirs in ((captured.generator, eager.generator),
+                         (captured.discriminator, eager.discriminator)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values(),
+                                strict=True):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+    for row, other in zip(captured.log_rows, eager.log_rows, strict=True):
+        assert row["loss_d"] == pytest.approx(other["loss_d"], rel=1e-3)
+        assert row["loss_g"] == pytest.approx(other["loss_g"], rel=1e-3)
+
+
+def test_the_nan_guard_stops_a_captured_run_at_its_step(tmp_path):
+    cfg = gpu_config("train.compile=auto", "train.checkpoint_every_steps=2",
+                     "train.log_every_steps=1")
+    hooks = GpuHooks(tmp_path)
+    loop = new_loop(cfg, hooks)
+    assert loop.step_mode == "captured", loop.step_mode_reason
+    result = loop.run(device_source(nan_at_step=3))
+    assert result.nonfinite_step == 3
+    assert [checkpoints.load_state(path)["step"] for path in hooks.saved] == [2]
+
+
+def test_a_ddp_wrapped_model_runs_eagerly_and_says_why(tmp_path):
+    loop = new_loop(gpu_config("train.compile=auto"), GpuHooks(tmp_path, ddp=True))
+    assert loop.step_mode == "eager"
+    assert loop.step_mode_reason == "a model is wrapped in DDP: its hooks cannot be captured"
