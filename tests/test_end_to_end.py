@@ -207,6 +207,7 @@ def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
     html = (repo / "dvc_plots" / "index.html").read_text()
     assert "Training losses" in html
     assert "loss_d" in html
+    assert "Classifier FID while training" in html  # reports/train_quality.csv
 
 
 def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(pipeline_repo, tmp_path):
@@ -229,3 +230,47 @@ def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(pipeline_rep
         with Image.open(shot) as image:
             # A rendered page, not a blank one: many colours.
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 100
+
+
+def _labelled_folder(root: Path, classes: int = 3, per_class: int = 40) -> Path:
+    """A user's photos in one sub-folder per class; random pixels, so that no classifier can
+    tell the classes apart (the weakest extractor there is)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    return root
+
+
+def test_a_users_labelled_folder_runs_end_to_end_with_a_weak_classifier_named(tmp_path_factory):
+    """The default classifier params on someone's own labelled folder: the classifier misses
+    the 0.98 bar (random pixels), and instead of stopping the DAG, every stage runs and the
+    FID is named weak in the evaluation, the run's description and the registered version."""
+    photos = _labelled_folder(tmp_path_factory.mktemp("photos") / "photos")
+    small = {key: value for key, value in TINY_PARAMS.items() if key != "classifier"}
+    repo = fresh_git_repo(tmp_path_factory.mktemp("byo") / "repo", {
+        **small, "data": {"num_processes": 1, "source": str(photos), "image_size": 32,
+                          "channels": 3, "samples_per_shard": 50},
+        "eval": {"num_samples": 12, "batch_size": 12, "kid_subset_size": 6},
+    })
+    defaults = yaml.safe_load((repo / "params.yaml").read_text())["classifier"]
+    assert defaults["min_val_accuracy"] == 0.98 and defaults["on_below_min"] == "auto"
+    output = _dvc(repo, "repro")
+    assert _ran(output) == {"prepare", "classifier", "train", "evaluate", "register"}
+
+    classifier = json.loads((repo / "models/classifier/spec.json").read_text())
+    assert classifier["val_accuracy"] < 0.98
+    assert classifier["weak_reason"].startswith("val accuracy ")
+    evaluation = json.loads((repo / "reports/evaluation.json").read_text())
+    assert evaluation["weak_classifier_reason"] == classifier["weak_reason"]
+    assert evaluation["feature_extractor"] == "classifier"
+    run_id = json.loads((repo / "reports/train_run.json").read_text())["mlflow_run_id"]
+    description = _mlflow(repo).get_run(run_id).data.tags["mlflow.note.content"]
+    assert f"(classifier, WEAK: {classifier['weak_reason']}" in description
+    (version,) = _registered_versions(repo)
+    assert version.tags["weak_classifier"] == classifier["weak_reason"]

@@ -157,21 +157,27 @@ def layout_with_stats(mnist_shards: Path, out: Path) -> Layout:
     return layout
 
 
-def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "") -> dict:
+def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "",
+              classifier_from: Path | None = None) -> dict:
+    """The train stage in `out`; with the domain classifier of `classifier_from` (a repo where
+    the classifier stage ran), quality is measured while training."""
     from pipeline.train.faults import FAULT_ENV
     from pipeline.train.stage import train
 
+    layout = layout_with_stats(mnist_shards, out)
+    if classifier_from is not None:
+        shutil.copytree(Layout(classifier_from).classifier_dir, layout.classifier_dir)
     if fault:
         os.environ[FAULT_ENV] = fault
     try:
-        return train(cfg, layout_with_stats(mnist_shards, out)).to_dict()
+        return train(cfg, layout).to_dict()
     finally:
         os.environ.pop(FAULT_ENV, None)
 
 
 @pytest.mark.slow
 def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
-    ray_cluster, mnist_shards, tmp_path
+    ray_cluster, mnist_shards, featurized_repo, tmp_path
 ):
     # 4,500 train images / (2 x 64) = 35 steps per epoch; checkpoint at 20; rank 1 dies at 25.
     cfg = ray_config(mnist_shards, tmp_path, **{
@@ -179,7 +185,8 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
         "train.checkpoint_every_steps": 20, "train.max_failures": 1,
     })
     out = tmp_path / "out"
-    record = run_stage(cfg, mnist_shards, out, fault="step=25,rank=1,mode=exit")
+    record = run_stage(cfg, mnist_shards, out, fault="step=25,rank=1,mode=exit",
+                       classifier_from=featurized_repo)
 
     assert (Path(cfg.train.storage_path) / record["ray_run_name"] / "fault_injected").exists()
     assert record["steps"] == 70 and record["images_seen"] == 70 * 128
@@ -192,6 +199,13 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     assert sorted(p.name for p in (out / "reports/train_grids").iterdir()) == [
         "epoch_001.png", "epoch_002.png"
     ]
+    # Quality at each epoch end, measured by rank 0 with the classifier, N = eval.num_samples.
+    with (out / "reports/train_quality.csv").open() as handle:
+        quality = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in quality] == [35, 70]
+    assert record["quality_final_fid_classifier"] == pytest.approx(
+        float(quality[-1]["fid_classifier"]))
+    assert record["quality_best_step"] in (35, 70) and record["quality_skipped_reason"] is None
     spec = json.loads((out / "models/generator.json").read_text())
     generator = Generator(**spec["spec"])
     generator.load_state_dict(torch.load(out / "models/generator.pt", weights_only=True))
@@ -215,6 +229,10 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         # One value per logged step: a second writer (rank 1) would double them.
         assert sorted(steps) == logged_steps, key
+    for key in ("quality/fid_classifier", "quality/class_coverage"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [35 * 128, 70 * 128], key
+    assert run.data.tags["mlflow.note.content"].startswith("trained: best in-training FID")
     assert not {"loss_d", "epoch", "images_per_s"} & set(run.data.metrics)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     pngs = [path for path in images if path.endswith(".png")]

@@ -284,10 +284,11 @@ class Evaluation(Record):
     weak_classifier_reason: str | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """FID/KID and their floors, class coverage and the collapse verdict (the full scores
-        stay in the record and the MLflow run)."""
+        """FID/KID and their floors, class coverage and the collapse verdict (the full scores,
+        the last weights' FID among them, stay in the record and the MLflow run)."""
         compared = {key: value for key, value in self.scores.items()
-                    if key.startswith(COMPARED_SCORE_PREFIXES) and not key.endswith("_std")}
+                    if key.startswith(COMPARED_SCORE_PREFIXES)
+                    and not key.endswith(("_std", "_raw"))}
         collapse = {} if self.mode_collapse is None else {"mode_collapse": self.mode_collapse}
         return {**compared, **collapse}
 
