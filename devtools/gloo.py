@@ -6,6 +6,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,16 @@ def _gloo_rank(
     results_dir: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    timeout_s: float | None,
 ) -> None:
     if sys.platform.startswith("linux"):
         # Loopback, not whatever interface the hostname resolves to (containers, VPNs).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)  # N ranks share a few cores: no oversubscription
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        **timeout,
     )
     try:
         result = fn(rank, world_size, *args)
@@ -38,10 +42,12 @@ def _gloo_rank(
 
 
 def run_gloo_ranks(
-    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = ()
+    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (),
+    timeout_s: float | None = None,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes joined in a gloo
-    process group on 127.0.0.1; return each rank's return value, by rank.
+    process group on 127.0.0.1; return each rank's return value, by rank. `timeout_s` bounds
+    every collective (a test of a would-be deadlock fails instead of hanging).
 
     For tests and benchmarks. `fn` must be importable (module level) and return what
     `torch.load(weights_only=True)` accepts (tensors, numbers, lists, dicts).
@@ -49,7 +55,7 @@ def run_gloo_ranks(
     with tempfile.TemporaryDirectory(prefix="gloo_ranks_") as results_dir:
         torch.multiprocessing.spawn(
             _gloo_rank,
-            args=(world_size, free_port(), results_dir, fn, args),
+            args=(world_size, free_port(), results_dir, fn, args, timeout_s),
             nprocs=world_size,
             join=True,
         )

@@ -11,6 +11,7 @@ import torch
 from test_training import LocalHooks, tiny_config
 from torch import nn
 
+from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import ClassifierConfig
 from pipeline.core.errors import UserError
 from pipeline.core.records import Evaluation
@@ -162,6 +163,26 @@ def test_without_a_classifier_nothing_is_measured_and_without_an_average_none_is
     final = hooks.saved[-1]["state"]
     assert hooks.quality == [] and final["quality_rows"] == []
     assert final["generator_ema"] is None
+
+
+def _two_rank_run(rank: int, world_size: int) -> dict:
+    """Two DDP ranks for one epoch; rank 0 alone measures quality (as under Ray)."""
+    reference, _ = _reference()
+    probe = QualityProbe(reference, torch.device("cpu")) if rank == 0 else None
+    hooks = LocalHooks(world_size)
+    cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": 2, "train.epochs": 1,
+                         "train.checkpoint_every_steps": 5, "train.ema_half_life_images": 40})
+    env = training.LoopEnv(rank, world_size, torch.device("cpu"), steps_per_epoch=5)
+    training.TrainLoop(cfg, env, hooks, None, probe).run(
+        lambda epoch, skip: ((images[rank::2], None) for images, _ in _batches(epoch, skip)))
+    return {"quality_rows": len(hooks.quality)}
+
+
+def test_rank_0_measures_quality_alone_while_the_other_ranks_wait():
+    """The metrics must not gather across ranks (torchmetrics does by default when a process
+    group exists): rank 1 never measures, and a gather would hang the run."""
+    results = run_gloo_ranks(_two_rank_run, 2, timeout_s=60)
+    assert [r["quality_rows"] for r in results] == [1, 0]
 
 
 def test_a_run_that_got_worse_at_the_end_says_so():

@@ -20,6 +20,9 @@ KID_SUBSETS = 100  # as in the KID paper (Binkowski et al. 2018) and torch-fidel
 # A class counts as "hit" when it gets at least this share of its fair share (N / classes):
 # one stray sample of a class does not make a collapsed generator diverse.
 HIT_FRACTION_OF_FAIR_SHARE = 0.1
+# torchmetrics gathers a metric's state from every rank at `compute()` when a process group
+# exists: rank 0 measuring quality alone inside a DDP run would wait for ranks that never come.
+LOCAL_ONLY = {"sync_on_compute": False}
 
 
 class _Precomputed(nn.Module):
@@ -44,7 +47,7 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor, minimum: int) -> None:
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (float64)."""
     _check_pair(real, fake, 2)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), **LOCAL_ONLY)
     metric.set_dtype(torch.float64)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -61,7 +64,8 @@ def kernel_distance(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saves all features in a buffer": intended
         metric = KernelInceptionDistance(
-            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=subset_size
+            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=subset_size,
+            **LOCAL_ONLY,
         )
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
