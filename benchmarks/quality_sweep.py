@@ -1,0 +1,139 @@
+"""Time to quality: the classifier FID per epoch of one training configuration, in one process.
+
+Runs the product's `TrainLoop` (1 worker, no Ray, the decoded-split cache) on the prepared
+mnist5k shards of this repository with `-S key=value` overrides, and after every epoch
+measures, with the product's quality probe (the classifier of `models/classifier`, N =
+`eval.num_samples`): the last weights (running statistics) and weight averages of several
+half-lives and ramp-ups (`--averages 10000:0.05,20000:0.2`; `half-life:ramp-up`, ramp-up 0 =
+none). Probe time is excluded from the printed training time. Needs `dvc repro classifier`.
+
+    python -m benchmarks.quality_sweep lr2e3 -S train.lr_g=0.002 -S train.lr_d=0.002
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.config import load_config
+from pipeline.core.layout import Layout
+from pipeline.core.records import DatasetStats
+from pipeline.data import loader
+from pipeline.data.cache import training_batches
+from pipeline.data.reader import shard_urls
+from pipeline.metrics.probe import QualityProbe, quality_reference
+from pipeline.train import loop as training
+from pipeline.train.ema import GeneratorEma
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RampedEma(GeneratorEma):
+    """A weight average with its own ramp-up (the product's is EMA_RAMPUP)."""
+
+    def __init__(self, generator: torch.nn.Module, half_life_images: int, global_batch: int,
+                 rampup: float) -> None:
+        super().__init__(generator, half_life_images, global_batch)
+        self.rampup = rampup
+
+    def decay(self, images_seen: int) -> float:
+        half_life = float(self.half_life_images)
+        if self.rampup:
+            half_life = min(half_life, images_seen * self.rampup)
+        return 0.5 ** (self.global_batch / max(half_life, 1e-8))
+
+
+class SilentHooks:
+    """LoopHooks that keep nothing: the sweep reads the models directly."""
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_rows(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+    def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
+        pass
+
+    def log_quality(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+
+class Sweep(training.TrainLoop):
+    """The product's loop, measuring the last weights and several averages each epoch."""
+
+    def __init__(self, *args: Any, averages: dict[str, tuple[int, float]], probe: QualityProbe,
+                 name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sweep_probe, self.name = probe, name
+        self.averages = {label: RampedEma(training.unwrap(self.generator), half_life,
+                                          self.global_batch, rampup)
+                         for label, (half_life, rampup) in averages.items()}
+        self.rows: list[dict[str, Any]] = []
+        self.started, self.probe_s = time.perf_counter(), 0.0
+
+    def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
+        super()._step(real, noise)
+        for average in self.averages.values():
+            average.update(training.unwrap(self.generator), self.step * self.global_batch)
+
+    def _epoch_grid(self, epoch: int) -> None:
+        began = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch,
+                               "train_s": round(began - self.started - self.probe_s, 1)}
+        generator = training.unwrap(self.generator).eval()
+        with torch.no_grad():
+            raw = generator(self.quality_noise).clamp(-1, 1)
+        generator.train()
+        row["last_weights"] = round(self.sweep_probe.measure(raw)["fid_classifier"], 2)
+        for label, average in self.averages.items():
+            images = average.refresh_batchnorm(self.quality_noise)
+            row[label] = round(self.sweep_probe.measure(images)["fid_classifier"], 2)
+        self.rows.append(row)
+        print(self.name, json.dumps(row), flush=True)
+        self.probe_s += time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    parser.add_argument("--averages", default="10000:0.05,20000:0.2")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    layout = Layout(REPO_ROOT)
+    cfg = load_config(REPO_ROOT / "params.yaml", args.overrides)
+    reference, why = quality_reference(cfg, layout)
+    if reference is None:
+        raise SystemExit(why)
+    stats = DatasetStats.load(layout)
+    train_count = stats.split_samples("train")
+    steps = loader.steps_per_epoch(train_count, cfg.train.batch_size, 1)
+    averages = {spec: (int(spec.split(":")[0]), float(spec.split(":")[1]))
+                for spec in args.averages.split(",")}
+    env = training.LoopEnv(0, 1, torch.device("cpu"), steps)
+    sweep = Sweep(cfg, env, SilentHooks(), averages=averages, name=args.name,
+                  probe=QualityProbe(reference, torch.device("cpu")))
+    sweep.run(training_batches(
+        shard_urls("train", layout.shards(cfg.train.shards)), cache="host",
+        split_shape=(train_count, stats.channels, stats.image_size, stats.image_size),
+        batch_size=cfg.train.batch_size, rank=0, world_size=1, num_batches=steps,
+        seed=cfg.train.seed, device=torch.device("cpu"), decode_processes=1, loader_workers=1,
+    ))
+    print("FINAL", args.name, json.dumps(sweep.rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
