@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--tab", choices=sorted(EXPECTED), default="model-metrics")
     cli.add_argument("--out", type=Path, default=Path("ui_run.png"))
     cli.add_argument("--width", type=int, default=1800)
-    cli.add_argument("--height", type=int, default=2800)
+    cli.add_argument("--height", type=int, default=4000)  # tall enough for the fid chart, last
     args = cli.parse_args(argv)
     chromium = find_chromium()
     if chromium is None:

@@ -256,6 +256,7 @@ def test_a_users_labelled_folder_runs_end_to_end_with_a_weak_classifier_named(tm
     repo = fresh_git_repo(tmp_path_factory.mktemp("byo") / "repo", {
         **small, "data": {"num_processes": 1, "source": str(photos), "image_size": 32,
                           "channels": 3, "samples_per_shard": 50},
+        "train": {**TINY_PARAMS["train"], "batch_size": 16},  # 108 train images
         "eval": {"num_samples": 12, "batch_size": 12, "kid_subset_size": 6},
     })
     defaults = yaml.safe_load((repo / "params.yaml").read_text())["classifier"]

@@ -102,7 +102,8 @@ def _loop(probe: QualityProbe | None, hooks: LocalHooks, state: dict | None = No
           **overrides: object) -> training.TrainLoop:
     cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": 4, "train.epochs": 3,
                          "train.checkpoint_every_steps": 4, "train.log_every_steps": 2,
-                         "train.ema_half_life_images": 40, **overrides})
+                         "train.ema_half_life_images": 40, "train.eval_every_images": 0,
+                         **overrides})
     env = training.LoopEnv(0, 1, torch.device("cpu"), steps_per_epoch=5)
     return training.TrainLoop(cfg, env, hooks, state, probe)
 
@@ -171,7 +172,8 @@ def _two_rank_run(rank: int, world_size: int) -> dict:
     probe = QualityProbe(reference, torch.device("cpu")) if rank == 0 else None
     hooks = LocalHooks(world_size)
     cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": 2, "train.epochs": 1,
-                         "train.checkpoint_every_steps": 5, "train.ema_half_life_images": 40})
+                         "train.checkpoint_every_steps": 5, "train.ema_half_life_images": 40,
+                         "train.eval_every_images": 0})
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), steps_per_epoch=5)
     training.TrainLoop(cfg, env, hooks, None, probe).run(
         lambda epoch, skip: ((images[rank::2], None) for images, _ in _batches(epoch, skip)))

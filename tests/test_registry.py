@@ -257,3 +257,23 @@ def test_register_and_sample_with_embedded_sqlite(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = tiny_generator(5)(torch.from_numpy(latent_noise(4, 8, seed=0))).numpy()
     np.testing.assert_allclose(array, expected, atol=1e-6)
+
+
+def test_the_models_code_shipped_with_a_version_never_hides_the_library(tmp_path):
+    """Loading a registered model puts its code package first on sys.path (MLflow's
+    code_paths); the rest of the library must still import there, in a fresh process as a
+    spawned DDP rank would start (a partial `pipeline.models` copy hid the classifier)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.registry.package import _code_package
+
+    code = _code_package(tmp_path / "code").parent
+    script = ("import pipeline.models.dcgan, pipeline.train.loop, pipeline.metrics.probe; "
+              "print(pipeline.models.__file__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(code)}, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith(str(code))  # the shipped copy did shadow it

@@ -104,7 +104,7 @@ def test_a_run_is_named_by_what_differs_from_the_committed_params(committed_repo
     same = mlflow_run.identity(load_config(params), layout, "dcgan-20261130-ray")
     assert same.name == "dcgan-20261130-ray"  # nothing differs: the Ray run name
     # Few parameters: the UI prints them all above a run's sample grid.
-    assert len(same.params) <= 12 and same.params["train.lr_g"] == 0.0002
+    assert len(same.params) <= 12 and same.params["train.lr_g"] == 0.002
 
     # As `dvc exp run -S train.lr_g=0.0001 -S train.epochs=2` leaves params.yaml.
     changed = load_config(params, ["train.lr_g=0.0001", "train.epochs=2",

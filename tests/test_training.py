@@ -183,6 +183,7 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     cfg = ray_config(mnist_shards, tmp_path, **{
         "train.num_workers": 2, "train.batch_size": 64, "train.epochs": 2,
         "train.checkpoint_every_steps": 20, "train.max_failures": 1,
+        "train.eval_every_images": 0,  # quality at every epoch's end
     })
     out = tmp_path / "out"
     record = run_stage(cfg, mnist_shards, out, fault="step=25,rank=1,mode=exit",

@@ -3,7 +3,7 @@
 The model's code is the file `pipeline/registry/generator_pyfunc.py` (logged as source, never
 cloudpickled), plus two plain artifacts, `spec` (JSON: nz, ngf, image_size, channels) and
 `weights` (the plain Generator state_dict, read with `torch.load(weights_only=True)`). The
-modules it imports (`pipeline/models/dcgan.py`) travel with it as `code_paths`. Loading it
+modules it imports (the `pipeline/models` package) travel with it as `code_paths`. Loading it
 therefore runs only this project's source and never unpickles an object from the artifact
 store. It is logged into the *training* MLflow run (so run and version link both ways) and
 carries a signature:
@@ -36,8 +36,13 @@ from pipeline.registry.tags import TAG_WEIGHTS_SHA
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `pipeline` folder
 MODEL_CODE = Path(__file__).with_name("generator_pyfunc.py")
 # The modules the model code imports, relative to `pipeline/`: shipped with the model so that
-# it loads outside this repository.
-MODEL_CODE_DEPS = ("__init__.py", "models/__init__.py", "models/dcgan.py")
+# it loads outside this repository. The whole `models` subpackage, not just dcgan.py: loading
+# the model puts this copy first on sys.path, so in that process (and in processes it spawns)
+# `pipeline.models` is the copy, and a partial one would hide `pipeline.models.classifier`
+# from the rest of the library.
+MODEL_CODE_DEPS = ("__init__.py", *sorted(
+    str(path.relative_to(PACKAGE_ROOT)) for path in (PACKAGE_ROOT / "models").glob("*.py")
+))
 MODEL_ARTIFACT_NAME = "generator"
 INPUT_EXAMPLE_ROWS = 2
 
