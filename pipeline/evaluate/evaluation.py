@@ -34,7 +34,6 @@ from pipeline.data.pixels import quantize, to_signed
 from pipeline.data.reader import shard_urls
 from pipeline.evaluate import mlflow_log
 from pipeline.metrics import distances, features
-from pipeline.metrics.features import real_features
 from pipeline.metrics.probe import QualitySummary
 from pipeline.models.dcgan import Generator, GeneratorSpec, latent_noise, load_generator
 
@@ -219,8 +218,8 @@ def evaluate(cfg: Config, layout: Layout) -> Evaluation:
                      else features.build_extractor(extractor_name, cfg.eval, layout))
         details["feature_extractor_sha256"] = extractor.sha256
         common = (extractor, stats, where, cfg.eval.batch_size, device, layout.feature_cache_dir)
-        train_features = real_features("train", plan["num_real_samples"], *common)
-        val_features = (real_features("val", plan["floor_num_samples"], *common)
+        train_features = features.real_features("train", plan["num_real_samples"], *common)
+        val_features = (features.real_features("val", plan["floor_num_samples"], *common)
                         if plan["floor_num_samples"] >= 2 else None)
         fake_features, _ = features.extract(
             extractor.module, torch.split(fake, cfg.eval.batch_size), device,

@@ -60,16 +60,15 @@ def quality_reference(cfg: Config, layout: Layout) -> tuple[QualityReference | N
     if record.skipped:
         return None, f"no quality during training: no domain classifier ({record.reason})"
     stats = DatasetStats.load(layout)
-    model, digest = features.load_classifier(layout)
-    extractor = features.FeatureExtractor("classifier", digest, model, logits=model.logits)
+    extractor = features.build_extractor("classifier", cfg.eval, layout)
     count = min(cfg.eval.num_samples, stats.split_samples("train"))
     real = features.real_features(
         "train", count, extractor, stats, layout.shards(cfg.train.shards), REAL_BATCH_SIZE,
         torch.device("cpu"), layout.feature_cache_dir,
     )
     assert record.arch is not None
-    reference = QualityReference(record.arch, model.state_dict(), digest, real,
-                                 stats.num_classes or 0)
+    reference = QualityReference(record.arch, extractor.module.state_dict(), extractor.sha256,
+                                 real, stats.num_classes or 0)
     return reference, f"classifier FID and class coverage of {count} samples"
 
 

@@ -387,12 +387,8 @@ class TrainLoop:
         """The generator evaluate will use, on the quality batch: the weight average with its
         statistics refreshed, else the raw generator with its running statistics."""
         if self.ema is None:
-            model = unwrap(self.generator)
-            model.eval()
-            with torch.no_grad():
-                images = model(self.quality_noise).float().clamp(-1, 1)
-            model.train()
-            return images
+            # Full precision, as the evaluate stage draws them.
+            return self._running_stats_samples(self.quality_noise, contextlib.nullcontext())
         self.ema_refreshed_at_step = self.step
         return self.ema.refresh_batchnorm(self.quality_noise)
 
@@ -418,13 +414,15 @@ class TrainLoop:
         images = self.step * self.global_batch
         return images // every > (images - self.global_batch) // every
 
-    def _fixed_samples(self) -> torch.Tensor:
-        """The fixed-noise samples with the running BN statistics (eval mode: no collective,
-        no RNG draw, no buffer update, so resuming stays exact)."""
+    def _running_stats_samples(
+        self, noise: torch.Tensor, precision: contextlib.AbstractContextManager[Any]
+    ) -> torch.Tensor:
+        """The generator's samples of `noise` with its running BN statistics (eval mode: no
+        collective, no RNG draw, no buffer update, so resuming stays exact)."""
         model = unwrap(self.generator)
         model.eval()
-        with torch.no_grad(), self.autocast:
-            images = model(self.fixed_noise).float().clamp(-1, 1)
+        with torch.no_grad(), precision:
+            images = model(noise).float().clamp(-1, 1)
         model.train()
         return images
 
@@ -440,7 +438,7 @@ class TrainLoop:
         """Rank 0: the fixed-noise samples at the end of `epoch`, kept and published."""
         if self.env.rank != 0:
             return
-        images = self._fixed_samples()
+        images = self._running_stats_samples(self.fixed_noise, self.autocast)
         self.grids.append(to_uint8(images).cpu())
         self.hooks.publish_grid(epoch, self.step, images)
 
