@@ -118,3 +118,9 @@ def test_training_batches_follow_the_choice(tmp_path):
     known = {row.tobytes() for row in expected}
     assert images.dtype == torch.uint8 and all(row.numpy().tobytes() in known for row in images)
     assert isinstance(training_batches(urls, cache="stream", **options), EpochLoader)
+    # With labels (the classifier stage): each image keeps its own, cached or streamed.
+    label_of = {row.tobytes(): index % 10 for index, row in enumerate(expected)}
+    for cache in ("host", "stream"):
+        source = training_batches(urls, cache=cache, with_labels=True, **options)
+        for images, labels in source(0):
+            assert [label_of[row.numpy().tobytes()] for row in images] == labels.tolist()

@@ -28,11 +28,13 @@ torch.set_num_threads(1)  # 2 shared cores: one thread each avoids oversubscript
 # --- the domain classifier ----------------------------------------------------------------------
 
 
-def test_classifier_stage_reaches_98_percent_on_mnist5k_val(featurized_repo):
+def test_classifier_stage_clears_its_gate_with_a_margin_on_mnist5k_val(featurized_repo):
     spec = json.loads((featurized_repo / "models/classifier/spec.json").read_text())
     report = json.loads((featurized_repo / "metrics/classifier.json").read_text())
-    assert spec["skipped"] is False
-    assert spec["val_accuracy"] >= 0.98 and report["val_accuracy"] == spec["val_accuracy"]
+    assert spec["skipped"] is False and spec["weak_reason"] is None
+    # The gate is 98 %; 98.8 % (at most 6 of 500 misread) leaves room for another machine's
+    # floating point. Three seeds here gave 99.0-99.2 %.
+    assert spec["val_accuracy"] >= 0.988 and report["val_accuracy"] == spec["val_accuracy"]
     assert spec["val_samples"] == 500 and spec["num_classes"] == 10
     # Re-measure from disk: the saved weights (weights_only loading, hash checked) are that good.
     model, digest = features.load_classifier(Layout(featurized_repo))
@@ -65,13 +67,28 @@ def test_classifier_stage_skips_unlabelled_data_and_says_why(tmp_path):
     assert json.loads(layout.metrics("classifier").read_text()) == {"val_accuracy": None}
 
 
-def test_random_shift_moves_pixels_within_bounds():
-    image = torch.full((1, 1, 8, 8), -1.0)
-    image[0, 0, 4, 4] = 1.0
-    moved = classifier.random_shift(image.repeat(50, 1, 1, 1), 2, torch.Generator().manual_seed(0))
-    rows, cols = (moved[:, 0] == 1.0).nonzero()[:, 1:].T
-    assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
+def test_random_affine_warps_within_its_bounds_and_repeats_with_its_seed():
+    image = torch.full((1, 1, 16, 16), -1.0)
+    image[0, 0, 8, 8] = 1.0
+    batch = image.repeat(50, 1, 1, 1)
+
+    def warp(seed: int, **bounds) -> torch.Tensor:
+        return classifier.random_affine(batch, torch.Generator().manual_seed(seed), **bounds)
+
+    no_change = {"shift_px": 0, "rotation_deg": 0, "scale": 0, "shear": 0}
+    torch.testing.assert_close(warp(0, **no_change), batch)
+    shifted = warp(0, **{**no_change, "shift_px": 2})
+    brightest = shifted.flatten(1).argmax(1)
+    rows, cols = brightest // 16, brightest % 16
+    assert ((rows - 8).abs() <= 2).all() and ((cols - 8).abs() <= 2).all()
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # really random
+    warped = warp(1)
+    assert torch.equal(warped, warp(1)) and not torch.equal(warped, warp(2))
+    assert len({tuple(w.flatten().tolist()) for w in warped}) == 50  # one map per image
+    # Off-image pixels take the edge's value: a plain background stays plain.
+    flat = classifier.random_affine(torch.full((8, 3, 16, 16), 0.25),
+                                    torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.25))
 
 
 # --- the FID Inception v3 -----------------------------------------------------------------------

@@ -140,7 +140,7 @@ class TrainConfig:
 class ClassifierConfig:
     """`classifier`: the domain classifier used as FID feature extractor."""
 
-    epochs: int = param(8, at_least(1), "passes over the labelled train split")
+    epochs: int = param(16, at_least(1), "passes over the labelled train split")
     batch_size: int = param(64, at_least(1), "images per step")
     lr: float = param(4e-3, between(0.0, 1.0, low_open=True), "peak Adam lr (one-cycle)")
     seed: int = param(0, at_least(0), "seed of weights and shuffling")

@@ -191,8 +191,8 @@ class CachedBatches:
 
 def training_batches(urls: list[str], *, cache: str, split_shape: tuple[int, ...],
                      batch_size: int, rank: int, world_size: int, num_batches: int, seed: int,
-                     device: torch.device, decode_processes: int, loader_workers: int
-                     ) -> CachedBatches | EpochLoader:
+                     device: torch.device, decode_processes: int, loader_workers: int,
+                     with_labels: bool = False) -> CachedBatches | EpochLoader:
     """One rank's training batch source: the decoded split where `cache` (and `choose_cache`)
     put it, else the streaming shard loader. `split_shape` is (N, C, H, W) of the split."""
     split_bytes = int(np.prod(split_shape))
@@ -202,8 +202,8 @@ def training_batches(urls: list[str], *, cache: str, split_shape: tuple[int, ...
     if choice.mode == "stream":
         return EpochLoader(urls, batch_size=batch_size, rank=rank, world_size=world_size,
                            num_batches=num_batches, seed=seed, loader_workers=loader_workers,
-                           pin_memory=device.type == "cuda")
-    pixels, _ = decode_split(urls, num_processes=decode_processes)
-    return CachedBatches(pixels, None, batch_size=batch_size, rank=rank, world_size=world_size,
-                         num_batches=num_batches, seed=seed, device=device,
-                         on_device=choice.mode == "device")
+                           pin_memory=device.type == "cuda", with_labels=with_labels)
+    pixels, labels = decode_split(urls, with_labels=with_labels, num_processes=decode_processes)
+    return CachedBatches(pixels, labels, batch_size=batch_size, rank=rank,
+                         world_size=world_size, num_batches=num_batches, seed=seed,
+                         device=device, on_device=choice.mode == "device")

@@ -177,6 +177,14 @@ def quality_words(train_run: TrainRun) -> str | None:
     ).words()
 
 
+def _features_of(images: torch.Tensor, extractor: features.FeatureExtractor, batch_size: int,
+                 device: torch.device, what: str) -> torch.Tensor:
+    """The extractor's features of generated `images`, in batches."""
+    found, _ = features.extract(extractor.module, torch.split(images, batch_size), device,
+                                desc=f"{extractor.name} features of {what}")
+    return found
+
+
 def evaluate(cfg: Config, layout: Layout) -> Evaluation:
     """Measure the trained generator; write reports/evaluation.json, its metrics and the three
     grids; log it all to the training's MLflow run. Returns the record written."""
@@ -221,19 +229,14 @@ def evaluate(cfg: Config, layout: Layout) -> Evaluation:
         train_features = features.real_features("train", plan["num_real_samples"], *common)
         val_features = (features.real_features("val", plan["floor_num_samples"], *common)
                         if plan["floor_num_samples"] >= 2 else None)
-        fake_features, _ = features.extract(
-            extractor.module, torch.split(fake, cfg.eval.batch_size), device,
-            desc=f"{extractor.name} features of samples",
-        )
+        fake_features = _features_of(fake, extractor, cfg.eval.batch_size, device, "samples")
         scores.update(_distances(extractor.name, fake_features, train_features, val_features,
                                  plan, cfg.eval.seed))
         raw_generator = load_raw_generator(layout, generator_record)
         if raw_generator is not None:  # the weight average's gain over the last weights
             raw_fake = quantize(generate(raw_generator, z, cfg.eval.batch_size, device))
-            raw_features, _ = features.extract(
-                extractor.module, torch.split(raw_fake, cfg.eval.batch_size), device,
-                desc=f"{extractor.name} features of the last weights' samples",
-            )
+            raw_features = _features_of(raw_fake, extractor, cfg.eval.batch_size, device,
+                                        "the last weights' samples")
             scores[f"fid_{extractor.name}_raw"] = distances.frechet_distance(train_features,
                                                                              raw_features)
     if classifier is not None:

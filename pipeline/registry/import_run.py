@@ -185,11 +185,11 @@ def logged_params(client: Any, run: Any) -> dict[str, str]:
     """Every parameter the run trained with, as logged text: the run's params (a curated few,
     for the UI) completed by its full `config.yaml` artifact (as asked for, auto values 0)."""
     params = dict(run.data.params)
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    if tracking.CONFIG_ARTIFACT not in logged:  # a run from before the artifact existed
+        return params
     with tempfile.TemporaryDirectory(prefix="import-run-config-") as folder:
-        try:
-            path = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, folder)
-        except Exception:
-            return params
+        path = client.download_artifacts(run.info.run_id, tracking.CONFIG_ARTIFACT, folder)
         tree = yaml.safe_load(Path(path).read_text()) or {}
     for section, values in tree.items():
         for key, value in (values or {}).items():
