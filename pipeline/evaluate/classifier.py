@@ -34,7 +34,7 @@ SHIFT_PX = 2
 ROTATION_DEG = 12.0
 SCALE = 0.1  # sizes in [1 - SCALE, 1 + SCALE]
 SHEAR = 0.2
-LABEL_SMOOTHING = 0.1  # measured on mnist5k: 98.4 % val accuracy with it, 98.2 % without
+LABEL_SMOOTHING = 0.1  # one conv per block, mnist5k: 98.4 % val accuracy with it, 98.2 % without
 VAL_BATCH_SIZE = 256
 
 
