@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -83,8 +84,6 @@ def _reference(count: int = 64, image_size: int = 16) -> tuple[QualityReference,
     reals = (torch.rand(count, 1, image_size, image_size) > 0.7).float() * 2 - 1
     with torch.no_grad():
         features = classifier(reals).double()
-    from dataclasses import asdict
-
     return QualityReference(asdict(spec), classifier.state_dict(), "0" * 64, features, 10), reals
 
 

@@ -126,6 +126,10 @@ class DatasetStats(Record):
         """Samples in `split` (0 when the split is empty)."""
         return int(self.splits.get(split, {}).get("samples", 0))
 
+    def split_shape(self, split: str) -> tuple[int, int, int, int]:
+        """(N, C, H, W) of `split` decoded: what a cache of it holds."""
+        return (self.split_samples(split), self.channels, self.image_size, self.image_size)
+
     def split_hash(self, split: str) -> str:
         """A hash of one split's shards, else of the whole dataset."""
         own = {k: v for k, v in self.shard_sha256.items() if k.startswith(split)}

@@ -82,8 +82,7 @@ def fit_classifier(
 ) -> DomainClassifier:
     """Train a classifier: Adam with a one-cycle schedule peaking at `ccfg.lr` (few epochs
     reach a good optimum), random affine warps and label smoothing against overfitting small
-    data.
-    `epoch_batches(epoch)` yields the (images, labels) batches of one epoch."""
+    data. `epoch_batches(epoch)` yields the (images, labels) batches of one epoch."""
     torch.manual_seed(ccfg.seed)
     warps = torch.Generator().manual_seed(ccfg.seed)
     # Channels-last convolutions train about 20 % faster on CPU (oneDNN); the saved weights
@@ -177,10 +176,9 @@ def train_classifier(cfg: Config, layout: Layout) -> ClassifierRecord:
     started = time.monotonic()
     # Decoded once and kept in memory (when it fits): the epochs only draw from it.
     epoch_batches = cache.training_batches(
-        train_urls, cache="auto", with_labels=True, batch_size=ccfg.batch_size, rank=0,
-        split_shape=(train_samples, stats.channels, stats.image_size, stats.image_size),
-        world_size=1, num_batches=steps, seed=ccfg.seed, device=torch.device("cpu"),
-        decode_processes=1, loader_workers=0,
+        train_urls, cache="auto", with_labels=True, split_shape=stats.split_shape("train"),
+        batch_size=ccfg.batch_size, rank=0, world_size=1, num_batches=steps, seed=ccfg.seed,
+        device=torch.device("cpu"), decode_processes=1, loader_workers=0,
     )
     model = fit_classifier(spec, epoch_batches, steps, ccfg)
     val_accuracy, val_samples = accuracy(

@@ -92,8 +92,7 @@ def check_inputs(cfg: Config, layout: Layout) -> Inputs:
     loader.check_plan(urls, max(train.num_workers, 1), train.loader_workers)
     stats = DatasetStats.load(layout)
     stats.check_shape(cfg.data.image_size, cfg.data.channels, "train")
-    split_shape = (stats.split_samples("train"), stats.channels, stats.image_size,
-                   stats.image_size)
+    split_shape = stats.split_shape("train")
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow, layout.root)
     tracking.check_reachable(tracking_uri)
     fault = fault_from_env(dict(os.environ))
