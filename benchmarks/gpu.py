@@ -107,7 +107,7 @@ def plain_graph_images_per_s(cfg: Config, steps: int, pool: list[torch.Tensor]) 
     plain = PlainDCGAN(cfg, DEVICE, channels_last=True, graph_safe=True)
     batch, nz = cfg.train.batch_size, cfg.model.nz
     state = captured.StepState((plain.generator, plain.discriminator), (plain.opt_g, plain.opt_d))
-    step = captured.capture(lambda real, noise, _number: plain.step(real, noise), state,
+    step = captured.capture(lambda real, noise, _number, _draws: plain.step(real, noise), state,
                             (batch, *pool[0].shape[1:]), (batch, nz), DEVICE)
     noise_rng = torch.Generator(device=DEVICE).manual_seed(0)
 

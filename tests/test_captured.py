@@ -148,12 +148,13 @@ def test_a_warm_up_that_ran_and_a_capture_that_failed_leave_the_state_as_it_was(
     opt_before, sums_before = optimizer_tensors(tried), tried.sums.clone()
     calls = []
 
-    def update(real, noise, number):
+    def update(real, noise, number, draws):
         calls.append(float(number))
-        tried.train_step(real, noise, number)
+        tried.train_step(real, noise, number, draws)
 
     state = captured.StepState((tried.generator, tried.discriminator),
-                               (tried.opt_g, tried.opt_d), (tried.sums, tried.first_bad_step))
+                               (tried.opt_g, tried.opt_d),
+                               (tried.sums, tried.first_bad_step, tried.ada_sums))
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         captured.capture(update, state, (4, 1, 16, 16), (4, 16), CPU)
 

@@ -27,22 +27,27 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     noise = torch.Generator().manual_seed(7)
     random.gauss(0, 1)  # leaves a cached gauss_next: part of python's state
     np.random.randn()
-    other_rank = checkpoints.capture_rng(torch.Generator().manual_seed(8))
-    saved = checkpoints.capture_rng(noise)
+    augment = torch.Generator().manual_seed(9)
+    other_rank = checkpoints.capture_rng(torch.Generator().manual_seed(8),
+                                         torch.Generator().manual_seed(10))
+    saved = checkpoints.capture_rng(noise, augment)
     state = {key: None for key in checkpoints.REQUIRED_KEYS} | {
         "format": checkpoints.FORMAT_VERSION,
         "rng": checkpoints.stack_ranks([other_rank, saved]),  # this process plays rank 1
     }
     checkpoints.save_state(state, tmp_path)
     expected = _draws(noise)
+    expected_augment = torch.rand(4, generator=augment).tolist()
 
     loaded = checkpoints.load_state(tmp_path)  # weights_only=True inside
     fresh = torch.Generator().manual_seed(123)
     torch.manual_seed(999)
     random.seed(999)
     np.random.seed(999)
-    checkpoints.restore_rng(checkpoints.rank_row(loaded["rng"], 1), fresh)
+    fresh_augment = torch.Generator().manual_seed(321)
+    checkpoints.restore_rng(checkpoints.rank_row(loaded["rng"], 1), fresh, fresh_augment)
     assert _draws(fresh) == expected
+    assert torch.rand(4, generator=fresh_augment).tolist() == expected_augment
 
 
 def test_a_file_that_needs_pickle_is_refused(tmp_path):

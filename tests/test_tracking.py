@@ -157,11 +157,12 @@ def test_remote_urls_lose_their_credentials_and_local_paths_are_not_tagged():
 
 def test_training_metrics_are_grouped_and_stepped_by_images_seen():
     rows = [{"step": 10, "epoch": 1, "loss_d": 1.2, "loss_g": 0.8, "d_real": 0.6,
-             "d_fake": 0.4, "images_per_s": 250.0}]
+             "d_fake": 0.4, "augment_p": 0.25, "ada_rt": 0.5, "images_per_s": 250.0}]
     # 1 worker x 64 and 2 workers x 32 have seen the same images after 10 steps.
     assert mlflow_run.metric_rows(rows, 64) == [{
         "step": 640, "train/loss_d": 1.2, "train/loss_g": 0.8, "train/d_real": 0.6,
-        "train/d_fake": 0.4, "system/images_per_s": 250.0,
+        "train/d_fake": 0.4, "train/augment_p": 0.25, "train/ada_rt": 0.5,
+        "system/images_per_s": 250.0,
     }]
     assert mlflow_run.GRID_KEY == "train/samples"
 

@@ -65,6 +65,15 @@ def param(default: Any, check: Check | None = None, doc: str = "") -> Any:
 # --- sections -----------------------------------------------------------------------------------
 
 
+# train.augment_ops: the ops of pipeline.train.augment (core may not import train).
+AUGMENT_OPS = ("translation", "cutout", "color", "flip", "rot90")
+
+
+def _augment_ops_ok(spec: str) -> bool:
+    names = [name.strip() for name in spec.split(",")]
+    return spec == "auto" or (bool(names) and all(name in AUGMENT_OPS for name in names))
+
+
 BUILTIN_SOURCE = "mnist5k"  # the dataset that ships with the product (5,000 MNIST digits)
 
 
@@ -118,6 +127,23 @@ class TrainConfig:
     eval_every_images: int = param(
         0, at_least(0), "images between in-training quality checks; 0 = every epoch"
     )
+    augment: str = param(
+        "off", one_of("off", "fixed", "adaptive"),
+        "augment what D sees (reals and fakes): fixed = DiffAugment, adaptive = ADA's p",
+    )
+    augment_ops: str = param(
+        "auto", Check(_augment_ops_ok, "auto or a comma list of " + ", ".join(AUGMENT_OPS)),
+        "auto = translation,cutout (+color for RGB); flip and rot90 only where they keep "
+        "the meaning (faces: flip)",
+    )
+    augment_p: float = param(1.0, between(0.0, 1.0), "probability of each op (augment=fixed)")
+    ada_target: float = param(
+        0.6, between(0.0, 1.0, high_open=True), "target of r_t = E[sign(D(real))] (adaptive)"
+    )
+    ada_speed_images: int = param(
+        100_000, at_least(1), "images over which p can move from 0 to 1 (adaptive)"
+    )
+    ada_every_steps: int = param(4, at_least(1), "steps between adjustments of p (adaptive)")
     sync_batchnorm: bool = param(True, doc="batch statistics of the global batch")
     checkpoint_every_steps: int = param(100, at_least(1), "steps between checkpoints")
     log_every_steps: int = param(10, at_least(1), "steps between logged metrics")

@@ -7,9 +7,10 @@ graph replay launches them all at once.
 
 What a captured step needs (PyTorch's "whole-network capture" recipe):
 
-* static inputs: the real batch, the noise and the step number are copied into fixed tensors
-  before each replay; everything the step writes (parameters, optimizer state, batch-norm
-  buffers, the loop's on-device accumulators) is updated in place, at fixed addresses;
+* static inputs: the real batch, the noise, the augmentation's uniform draws and the step
+  number are copied into fixed tensors before each replay (the draws come from the loop's own
+  generator outside the graph, so a replay repeats no randomness); everything the step
+  writes (parameters, optimizer state, batch-norm buffers, the loop's on-device accumulators) is updated in place, at fixed addresses;
 * optimizers with `capturable=True` (their step counters live on the device);
 * gradients set to None before their backward inside the step, so that backward allocates
   them from the graph's pool and writes (not accumulates) them on every replay;
@@ -42,9 +43,10 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", "off")
 WARMUP_STEPS = 3  # PyTorch's recipe uses 3; DDP would need 11+, but it is never captured here
 
-# update(real, noise, step): one training step; `step` is a 0-dim float64 tensor on the device
-# holding the step's 1-based number (the NaN guard records it without a host sync).
-UpdateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+# update(real, noise, step, draws): one training step; `step` is a 0-dim float64 tensor on the
+# device holding the step's 1-based number (the NaN guard records it without a host sync);
+# `draws` the augmentation's uniforms of the step (drawn outside the graph, like the noise).
+UpdateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,16 @@ class StateSnapshot:
 
 
 class CapturedStep:
-    """One recorded step: `step(real, noise, number)` copies the inputs in and replays."""
+    """One recorded step: `step(real, noise, number, draws)` copies the inputs in and
+    replays."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph, real: torch.Tensor, noise: torch.Tensor,
-                 number: torch.Tensor) -> None:
+                 number: torch.Tensor, draws: torch.Tensor) -> None:
         self.graph, self.real, self.noise, self.number = graph, real, noise, number
+        self.draws = draws
 
-    def __call__(self, real: torch.Tensor, noise: torch.Tensor, number: int) -> None:
+    def __call__(self, real: torch.Tensor, noise: torch.Tensor, number: int,
+                 draws: torch.Tensor) -> None:
         if real.shape != self.real.shape or noise.shape != self.noise.shape:
             raise ValueError(
                 f"the captured step takes batches of {tuple(self.real.shape)} and noise of "
@@ -150,6 +155,7 @@ class CapturedStep:
             )
         self.real.copy_(real, non_blocking=True)
         self.noise.copy_(noise, non_blocking=True)
+        self.draws.copy_(draws, non_blocking=True)
         self.number.fill_(number)
         self.graph.replay()
 
@@ -168,17 +174,17 @@ def _on(side: torch.cuda.Stream | None) -> Iterator[None]:
 
 
 def _warm_up(update: UpdateFn, real: torch.Tensor, noise: torch.Tensor, number: torch.Tensor,
-             steps: int) -> None:
+             draws: torch.Tensor, steps: int) -> None:
     with warnings.catch_warnings():
         # "capturable=True ... running without graph capture": expected, these are warm-ups.
         warnings.filterwarnings("ignore", message=".*capturable=True.*")
         for _ in range(steps):
-            update(real, noise, number)
+            update(real, noise, number, draws)
 
 
 def capture(update: UpdateFn, state: StepState, real_shape: Sequence[int],
             noise_shape: Sequence[int], device: torch.device,
-            warmup_steps: int = WARMUP_STEPS) -> CapturedStep:
+            warmup_steps: int = WARMUP_STEPS, draws_shape: Sequence[int] = (0,)) -> CapturedStep:
     """Warm `update` up and record it as one CUDA graph over static input tensors. Raises what
     the warm-up or the capture raised; either way `state` ends as it was before.
 
@@ -187,12 +193,13 @@ def capture(update: UpdateFn, state: StepState, real_shape: Sequence[int],
     real = torch.zeros(tuple(real_shape), device=device)
     noise = torch.zeros(tuple(noise_shape), device=device)
     number = torch.ones((), dtype=torch.float64, device=device)
+    draws = torch.zeros(tuple(draws_shape), device=device)
     # Warm-up and capture must not run on the default stream (PyTorch's CUDA graph recipe).
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     snapshot = StateSnapshot(state)
     try:
         with _on(side):
-            _warm_up(update, real, noise, number, warmup_steps)
+            _warm_up(update, real, noise, number, draws, warmup_steps)
             if side is None:
                 raise RuntimeError(f"CUDA graphs need a CUDA device, not {device}")
             for optimizer in state.optimizers:
@@ -202,12 +209,12 @@ def capture(update: UpdateFn, state: StepState, real_shape: Sequence[int],
             graph = torch.cuda.CUDAGraph()
             # thread_local: a loader thread's CUDA calls elsewhere do not break the capture.
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                update(real, noise, number)
+                update(real, noise, number, draws)
     finally:
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
         snapshot.restore()
-    return CapturedStep(graph, real, noise, number)
+    return CapturedStep(graph, real, noise, number, draws)
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,7 @@ class StepChoice:
 
 def choose_step(compile_mode: str, *, device: torch.device, world_size: int, update: UpdateFn,
                 state: StepState, real_shape: Sequence[int],
-                noise_shape: Sequence[int]) -> StepChoice:
+                noise_shape: Sequence[int], draws_shape: Sequence[int] = (0,)) -> StepChoice:
     """Capture the step where `compile_mode` asks and it works, else eager; the optimizers are
     left capturable exactly when the step is captured."""
     blocker = capture_blocker(compile_mode, device, world_size, state.modules)
@@ -230,7 +237,8 @@ def choose_step(compile_mode: str, *, device: torch.device, world_size: int, upd
         return StepChoice("eager", blocker)
     set_capturable(state.optimizers, True)
     try:
-        captured = capture(update, state, real_shape, noise_shape, device)
+        captured = capture(update, state, real_shape, noise_shape, device,
+                           draws_shape=draws_shape)
     except Exception as err:  # any failure means: train eagerly, and say why
         set_capturable(state.optimizers, False)
         first_line = (str(err).strip().splitlines() or [""])[0][:200]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.pt"
-FORMAT_VERSION = 2  # 2: the generator average and quality rows
+FORMAT_VERSION = 3  # 2: the generator average and quality rows; 3: augmentation
 
 # Keys every checkpoint carries (see `training.TrainLoop.snapshot`).
 REQUIRED_KEYS = (
@@ -30,6 +30,7 @@ REQUIRED_KEYS = (
     "epoch",
     "images_seen",
     "fixed_noise",
+    "augment",  # {"p": the augmentation probability, "ada_sums": ADA's pending statistics}
     "rng",
     "config",
     "spec",
@@ -67,9 +68,10 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 # --- RNG states as tensors ------------------------------------------------------------------------
 
 
-def capture_rng(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
+def capture_rng(noise_generator: torch.Generator,
+                augment_generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Every RNG state of this process as CPU tensors: torch CPU, CUDA (empty without),
-    the noise generator, python's `random` and numpy's global generator."""
+    the noise and augmentation generators, python's `random` and numpy's global generator."""
     version, words, gauss_next = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     cuda = torch.empty(0, dtype=torch.uint8)
@@ -79,6 +81,7 @@ def capture_rng(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": cuda,
         "noise": noise_generator.get_state(),
+        "augment": augment_generator.get_state(),
         # python: 624 words + position, then (version, has gauss_next), and gauss_next itself.
         "python_words": torch.tensor(words, dtype=torch.int64),
         "python_meta": torch.tensor([version, gauss_next is not None], dtype=torch.int64),
@@ -89,12 +92,14 @@ def capture_rng(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generator) -> None:
+def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generator,
+                augment_generator: torch.Generator) -> None:
     """Inverse of `capture_rng`: set every RNG of this process from `states`."""
     torch.set_rng_state(states["torch_cpu"].cpu())
     if torch.cuda.is_available() and states["torch_cuda"].numel():
         torch.cuda.set_rng_state(states["torch_cuda"].cpu())
     noise_generator.set_state(states["noise"].cpu())
+    augment_generator.set_state(states["augment"].cpu())
     version, has_gauss = (int(v) for v in states["python_meta"].tolist())
     gauss = float(states["python_gauss"][0]) if has_gauss else None
     random.setstate((version, tuple(int(w) for w in states["python_words"].tolist()), gauss))

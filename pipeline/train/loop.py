@@ -31,7 +31,7 @@ from pipeline.core.config import Config
 from pipeline.data.pixels import to_signed, to_uint8
 from pipeline.metrics.probe import QualityProbe
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
-from pipeline.train import captured, checkpoints
+from pipeline.train import augment, captured, checkpoints
 from pipeline.train.collectives import all_gather, all_gather_hex
 from pipeline.train.ema import GeneratorEma
 from pipeline.train.shm_allreduce import register_ddp_hook
@@ -39,9 +39,13 @@ from pipeline.train.sync_bn import convert_sync_batchnorm
 
 logger = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s")
+LOG_COLUMNS = ("step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "augment_p", "ada_rt",
+               "images_per_s")
+# The on-device sums of a log window, by name (`TrainLoop.sums`); `ada_rt` = E[sign(D(real))].
+WINDOW_STATS = ("loss_d", "loss_g", "d_real", "d_fake", "ada_rt", "steps")
 SAMPLE_GRID_SIZE = 64  # fixed-noise images per epoch grid (8 x 8)
 _NO_BAD_STEP = float("inf")
+AUGMENT_SEED_OFFSET = 1 << 40  # the augmentation's stream never meets a rank's noise stream
 
 # (epoch, skip_batches) -> exactly steps_per_epoch - skip_batches (images, labels) batches.
 BatchSource = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
@@ -163,6 +167,7 @@ class TrainLoop:
         # Each rank draws its own noise (its share of the global batch), reproducibly.
         self.noise_rng = torch.Generator(device=env.device)
         self.noise_rng.manual_seed(train.seed * 100_003 + env.rank)
+        self._init_augment()
 
         self.step = 0
         self.log_rows: list[dict[str, float]] = []
@@ -208,8 +213,8 @@ class TrainLoop:
         if resume_state is not None:
             self._load_progress(resume_state)
 
-        # On-device accumulators: sums of loss_d, loss_g, d_real, d_fake and the step count.
-        self.sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        # On-device accumulators of the log window, one per WINDOW_STATS name.
+        self.sums = torch.zeros(len(WINDOW_STATS), dtype=torch.float64, device=env.device)
         self.first_bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.float64, device=env.device)
         self.pending_rows: list[dict[str, float]] = []
         self.pending_quality: list[dict[str, float]] = []
@@ -244,14 +249,62 @@ class TrainLoop:
         self.quality_rows = list(state["quality_rows"])
         self.grids = list(state["grids"])
         self.resumed_from_steps = [*state["resumed_from_steps"], self.step]
+        saved_augment = state["augment"]
+        self.augment_p.copy_(saved_augment["p"])
+        self.ada_sums.copy_(saved_augment["ada_sums"])
         if int(state["world_size"]) == self.env.world_size:
             own = checkpoints.rank_row(state["rng"], self.env.rank)
-            checkpoints.restore_rng(own, self.noise_rng)
+            checkpoints.restore_rng(own, self.noise_rng, self.augment_rng)
         else:
             logger.warning(
                 "checkpoint has %s ranks, this run %s: noise streams restart from the seed",
                 state["world_size"], self.env.world_size,
             )
+
+    def _init_augment(self) -> None:
+        """The augmentation of what D sees (`augment.py`): its ops, p (a device tensor, so the
+        adaptive controller and a captured step never sync the host), its own generator."""
+        train, env = self.cfg.train, self.env
+        self.augment_ops = (() if train.augment == "off"
+                            else augment.resolve_ops(train.augment_ops, self.cfg.data.channels))
+        initial_p = train.augment_p if train.augment == "fixed" else 0.0
+        self.augment_p = torch.tensor(initial_p, dtype=torch.float32, device=env.device)
+        self.ada = (augment.AdaSchedule.from_config(
+            train.ada_target, train.ada_every_steps, train.ada_speed_images,
+            train.batch_size * env.world_size) if train.augment == "adaptive" else None)
+        # Sum of sign(D(augmented real)) and its count since the last adjustment of p.
+        self.ada_sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+        # One stream on every rank, drawn for the global batch, each rank taking its rows: the
+        # same images are augmented the same way whatever the world size.
+        self.augment_rng = torch.Generator(device=env.device)
+        self.augment_rng.manual_seed(train.seed * 100_003 + AUGMENT_SEED_OFFSET)
+        per_image = augment.DRAWS_PER_IMAGE if self.augment_ops else 0
+        self.global_draws_shape = (augment.DRAW_SETS, train.batch_size * env.world_size,
+                                   per_image)
+        self.draws_shape = (augment.DRAW_SETS, train.batch_size, per_image)
+        self.draw_rows = slice(env.rank * train.batch_size, (env.rank + 1) * train.batch_size)
+
+    def _draw(self) -> torch.Tensor:
+        """This rank's augmentation draws of the step (empty when augmentation is off: no RNG
+        moves)."""
+        draws = torch.rand(self.global_draws_shape, device=self.env.device,
+                           generator=self.augment_rng)
+        return draws[:, self.draw_rows]
+
+    def _augmented(self, images: torch.Tensor, draws: torch.Tensor, which: int) -> torch.Tensor:
+        """`images` as D sees them: augmented with the `which`-th set of the step's draws."""
+        if not self.augment_ops:
+            return images
+        return augment.augment(images, draws[which], self.augment_p, self.augment_ops)
+
+    def _adjust_augment(self) -> None:
+        """ADA: every `ada_every_steps`, move p by the ranks' summed r_t (the same on all)."""
+        if self.ada is None or self.step % self.ada.every_steps:
+            return
+        if self.env.world_size > 1:
+            dist.all_reduce(self.ada_sums)
+        augment.adjust_p(self.augment_p, self.ada_sums[0], self.ada_sums[1], self.ada)
+        self.ada_sums.zero_()
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -264,10 +317,12 @@ class TrainLoop:
             cfg.train.compile, device=env.device, world_size=env.world_size,
             update=self.train_step,
             state=captured.StepState((self.generator, self.discriminator),
-                                     (self.opt_g, self.opt_d), (self.sums, self.first_bad_step)),
+                                     (self.opt_g, self.opt_d),
+                                     (self.sums, self.first_bad_step, self.ada_sums)),
             real_shape=(cfg.train.batch_size, cfg.data.channels, cfg.data.image_size,
                         cfg.data.image_size),
             noise_shape=(cfg.train.batch_size, cfg.model.nz),
+            draws_shape=self.draws_shape,
         )
         self.step_mode, self.step_mode_reason = choice.mode, choice.reason
         self.captured_step = choice.captured
@@ -281,27 +336,32 @@ class TrainLoop:
             self.train_step(real, noise)
         else:
             self.step += 1
-            self.captured_step(real, noise, self.step)
+            self.captured_step(real, noise, self.step, self._draw())
+        self._adjust_augment()
         if self.ema is not None:
             self.ema.update(unwrap(self.generator), self.step * self.global_batch)
 
     def train_step(
-        self, real: torch.Tensor, noise: torch.Tensor, step: torch.Tensor | None = None
+        self, real: torch.Tensor, noise: torch.Tensor, step: torch.Tensor | None = None,
+        draws: torch.Tensor | None = None,
     ) -> None:
         """One DCGAN update: D on real and on fake.detach(), then G with the non-saturating
-        loss BCE(D(G(z)), 1). Statistics accumulate on the device (no host sync).
+        loss BCE(D(G(z)), 1), D seeing both augmented (`augment.py`) when it is on.
+        Statistics accumulate on the device (no host sync).
 
         `step`: None counts `self.step` here (eager); a device tensor holding the step's number
         when the step is being recorded as a CUDA graph (`captured.py`), whose replays must
-        not depend on Python state."""
+        not depend on Python state. `draws`: the augmentation's uniforms, drawn here when None
+        (eager); a static input of the graph when captured."""
         generator, discriminator, criterion = self.generator, self.discriminator, self.criterion
+        draws = self._draw() if draws is None else draws
 
         # D: both forwards, ONE backward, so DDP all-reduces D's gradients once per step.
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast:
             fake = generator(noise)
-            logits_real = discriminator(real)
-            logits_fake = discriminator(fake.detach())
+            logits_real = discriminator(self._augmented(real, draws, 0))
+            logits_fake = discriminator(self._augmented(fake.detach(), draws, 1))
             loss_d = criterion(logits_real, torch.ones_like(logits_real)) + criterion(
                 logits_fake, torch.zeros_like(logits_fake)
             )
@@ -315,7 +375,7 @@ class TrainLoop:
             param.requires_grad_(False)
         try:
             with _no_sync(discriminator), self.autocast:
-                logits_gen = discriminator(fake)
+                logits_gen = discriminator(self._augmented(fake, draws, 2))
                 loss_g = criterion(logits_gen, torch.ones_like(logits_gen))
             loss_g.backward()
         finally:
@@ -327,11 +387,14 @@ class TrainLoop:
             self.step += 1
         with torch.no_grad():
             losses = torch.stack([loss_d.detach(), loss_g.detach()]).double()
+            signs = torch.sign(logits_real.float())
             d_out = torch.stack(
                 [torch.sigmoid(logits_real.float()).mean(),
-                 torch.sigmoid(logits_fake.float()).mean()]
+                 torch.sigmoid(logits_fake.float()).mean(), signs.mean()]
             ).double()
             self.sums += torch.cat([losses, d_out, losses.new_ones(1)])
+            count = signs.new_full((), float(signs.numel()))
+            self.ada_sums += torch.stack([signs.sum(), count]).double()
             finite = torch.isfinite(losses).all()
             number = float(self.step) if step is None else step
             # In place: a captured graph keeps writing to the tensor it was recorded with.
@@ -348,7 +411,7 @@ class TrainLoop:
         if self.env.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        values = sums.tolist()  # the one host sync of the window
+        values = dict(zip(WINDOW_STATS, sums.tolist(), strict=True))  # the window's host sync
         bad = float(first_bad)
         elapsed = time.perf_counter() - self.window_started
         steps = self.step - self.window_start_step
@@ -356,23 +419,23 @@ class TrainLoop:
         self.window_started, self.window_start_step = time.perf_counter(), self.step
         if bad != _NO_BAD_STEP:
             return int(bad)
-        count = values[4] or 1.0
+        count = values.pop("steps") or 1.0
         row = {
             "step": self.step,
             "epoch": (self.step - 1) // self.env.steps_per_epoch + 1,
-            "loss_d": values[0] / count,
-            "loss_g": values[1] / count,
-            "d_real": values[2] / count,
-            "d_fake": values[3] / count,
+            **{name: total / count for name, total in values.items()},
+            "augment_p": float(self.augment_p),
             "images_per_s": steps * self.global_batch / elapsed if elapsed > 0 else 0.0,
         }
         self.log_rows.append(row)
         self.pending_rows.append(row)
         if self.env.rank == 0:
             logger.info(
-                "epoch %d/%d step %d/%d loss_d=%.4f loss_g=%.4f D(x)=%.3f D(G(z))=%.3f %.0f img/s",
+                "epoch %d/%d step %d/%d loss_d=%.4f loss_g=%.4f D(x)=%.3f D(G(z))=%.3f "
+                "augment p=%.3f r_t=%.2f %.0f img/s",
                 row["epoch"], self.cfg.train.epochs, self.step, self.total_steps,
-                row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"], row["images_per_s"],
+                row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"], row["augment_p"],
+                row["ada_rt"], row["images_per_s"],
             )
         return None
 
@@ -460,6 +523,7 @@ class TrainLoop:
             "epoch": self.step // self.env.steps_per_epoch,
             "images_seen": self.step * self.global_batch,
             "fixed_noise": self.fixed_noise.cpu(),
+            "augment": {"p": self.augment_p.cpu(), "ada_sums": self.ada_sums.cpu()},
             "rng": rng_by_rank,
             "config": dataclasses.asdict(self.cfg),
             "spec": self.spec.to_dict(),
@@ -472,7 +536,7 @@ class TrainLoop:
 
     def _gather_rng(self) -> dict[str, torch.Tensor]:
         """Every rank's RNG states, stacked by rank (a collective: all ranks call it)."""
-        local = checkpoints.capture_rng(self.noise_rng)
+        local = checkpoints.capture_rng(self.noise_rng, self.augment_rng)
         world_size = self.env.world_size
         return {key: torch.stack(all_gather(value, world_size)) for key, value in local.items()}
 

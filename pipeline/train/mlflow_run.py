@@ -58,6 +58,8 @@ METRIC_KEYS = {
     "loss_g": tracking.TRAIN_PREFIX + "loss_g",
     "d_real": tracking.TRAIN_PREFIX + "d_real",  # D(x)
     "d_fake": tracking.TRAIN_PREFIX + "d_fake",  # D(G(z))
+    "augment_p": tracking.TRAIN_PREFIX + "augment_p",  # the augmentation probability
+    "ada_rt": tracking.TRAIN_PREFIX + "ada_rt",  # ADA's r_t = E[sign(D(augmented real))]
     "images_per_s": tracking.SYSTEM_PREFIX + "images_per_s",
 }
 # Quality-row column -> MLflow metric key: a section of its own, charted against images seen.
