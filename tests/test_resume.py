@@ -184,7 +184,7 @@ def test_an_interrupted_train_stage_continues_its_run_bit_identically(
     _, err = process.communicate(timeout=120)
     (interrupted,) = runs_of(mlflow_server, experiment)
     if stop == "SIGINT":
-        assert process.returncode == 130
+        assert process.returncode == 130, err[-5000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: interrupted: MLflow run ") and "KILLED" in last, err[-3000:]
         assert "last at step 20" in last and "`dvc repro`" in last

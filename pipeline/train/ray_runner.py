@@ -11,6 +11,7 @@ rank 0 only, and fire the fault that the plan carries (tests).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ from pipeline.train.tracking_buffer import TrackingBuffer
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_TO_KEEP = 2
+ABORT_TIMEOUT_S = 30.0  # Ctrl-C: how long the controller may take to stop the workers
 BUFFER_DRAIN_S = 10.0  # rank 0's wait at the end for a tracking server that does not answer
 WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
@@ -203,7 +205,34 @@ def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),
     )
+    _stop_on_signals(trainer)
     return trainer.fit()
+
+
+def _stop_on_signals(trainer: Any) -> None:
+    """Ctrl-C and SIGTERM abort the run as Ray's own SIGINT handler does (the controller stops
+    the workers), then raise KeyboardInterrupt, so the stage marks the MLflow run KILLED and
+    says how to continue. Ray's handler (`DataParallelTrainer._register_sigint_handler`, Ray
+    2.60) ends the driver with `sys.exit` instead, and leaves SIGTERM alone."""
+    if not hasattr(trainer, "_register_sigint_handler"):
+        return  # another Ray: its own handling stays
+
+    def register(controller: Any) -> None:
+        import signal
+
+        import ray
+
+        def stop(signum: int, frame: object) -> None:
+            logger.info("%s: stopping the workers", signal.Signals(signum).name)
+            # The controller ends itself on abort (RayActorError); the driver's exit the rest.
+            with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+                ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    trainer._register_sigint_handler = register
 
 
 def _root_cause(err: BaseException) -> str:
