@@ -62,39 +62,57 @@ def ray_cluster():
     ray.shutdown()
 
 
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` with its backend and artifacts under `root`
+    (the same `root` again: the same runs), answering before this returns."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "server.log", "a") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health")
+    except TimeoutError:
+        process.kill()
+        raise
+    return process
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a process this test started (kill it after 30 s)."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a temporary backend; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port)
     try:
-        wait_for_http(f"{uri}/health")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        stop_process(process)
 
 
 def dataset_stats(**overrides) -> DatasetStats:

@@ -253,37 +253,44 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
 ):
     """One worker on CPU, crashed at step 15 and resumed from the (mid-epoch) checkpoint at
     10, ends with the very bits of the same loop run straight through without Ray."""
-    from pipeline.data.cache import training_batches
-    from pipeline.data.reader import shard_urls
-
     cfg = ray_config(mnist_shards, tmp_path, **{
         "train.num_workers": 1, "train.batch_size": 128, "train.epochs": 1,
         "train.checkpoint_every_steps": 10, "train.max_failures": 1,
     })
     resumed = run_stage(cfg, mnist_shards, tmp_path / "resumed", fault="step=15,rank=0,mode=raise")
     assert resumed["resumed_from_steps"] == [10] and resumed["steps"] == 35
+    assert_as_straight_run(cfg, resumed, tmp_path / "resumed")
+
+
+def assert_as_straight_run(cfg: Config, record: dict, workspace: Path) -> None:
+    """The run of `record` (one worker, its outputs in `workspace`) ended with the very bits
+    of the same loop run straight through without Ray: checkpoint, generator.pt (the
+    average) and generator_raw.pt (the last step's weights)."""
+    from pipeline.data.cache import training_batches
+    from pipeline.data.reader import shard_urls
 
     torch.set_num_threads(cfg.train.cpus_per_worker)  # as the Ray worker does
     urls = shard_urls("train", cfg.train.shards)
+    steps_per_epoch = record["steps_per_epoch"]
     straight = training.TrainLoop(
-        cfg, training.LoopEnv(0, 1, torch.device("cpu"), resumed["steps_per_epoch"]), LocalHooks()
+        cfg, training.LoopEnv(0, 1, torch.device("cpu"), steps_per_epoch), LocalHooks()
     )
     straight.run(training_batches(
-        urls, cache=cfg.train.data_cache, split_shape=(4500, 1, 32, 32), batch_size=128, rank=0,
-        world_size=1, num_batches=35, seed=cfg.train.seed, device=torch.device("cpu"),
-        decode_processes=1, loader_workers=cfg.train.loader_workers,
+        urls, cache=cfg.train.data_cache, split_shape=(4500, 1, 32, 32),
+        batch_size=cfg.train.batch_size, rank=0, world_size=1, num_batches=steps_per_epoch,
+        seed=cfg.train.seed, device=torch.device("cpu"), decode_processes=1,
+        loader_workers=cfg.train.loader_workers,
     ))
 
-    final = checkpoints.load_state(resumed["final_checkpoint"])
+    final = checkpoints.load_state(record["final_checkpoint"])
     assert straight.ema is not None  # the weight average is on by default
     models = {"generator": straight.generator, "discriminator": straight.discriminator,
               "generator_ema": straight.ema.model}
     for part, model in models.items():
         for key, tensor in model.state_dict().items():
             assert torch.equal(tensor, final[part][key]), f"{part}.{key} differs after resume"
-    # generator.pt is the average, generator_raw.pt the last step's weights.
     for name, model in (("generator", straight.ema.model), ("generator_raw", straight.generator)):
-        saved = torch.load(tmp_path / f"resumed/models/{name}.pt", weights_only=True)
+        saved = torch.load(workspace / f"models/{name}.pt", weights_only=True)
         assert saved.keys() == model.state_dict().keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items()), name
 

@@ -1,4 +1,4 @@
-"""Operations outside the DAG: `python -m pipeline promote|sample|compare|import-run ...`.
+"""Operations outside the DAG: `python -m pipeline promote|sample|compare|import-run|sync-run`.
 
 Each command talks to the MLflow store named by --tracking-uri (default: `mlflow.tracking_uri`
 of params.yaml, see `pipeline.core.tracking.resolve_tracking_uri`); an unreachable server is a
@@ -110,8 +110,16 @@ def _import_run(args: argparse.Namespace, tracking_uri: str) -> None:
         print("not recorded in dvc.lock (--no-dvc-commit): `dvc commit --force train` does it")
 
 
+def _sync_run(args: argparse.Namespace, tracking_uri: str) -> None:
+    from pipeline.core.layout import Layout
+    from pipeline.train.stage import sync_run
+
+    layout = Layout(Path(args.params).resolve().parent)
+    print(sync_run(_params(args), layout, tracking_uri, args.run_id))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m pipeline` parser with its four sub-commands."""
+    """The `python -m pipeline` parser with its sub-commands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
@@ -232,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-dvc-commit", action="store_true", help="fetch and check only; leave dvc.lock"
     )
     imports.set_defaults(handler=_import_run)
+
+    sync = commands.add_parser(
+        "sync-run",
+        parents=[common],
+        help="upload what a train run could not log while its tracking server was away",
+        description="Log the metric rows and grids that a train run kept in its storage "
+        "(<train.storage_path>/<ray run>/unlogged/) while the MLflow server did not answer, "
+        "the stage outputs when this workspace holds that run's, and mark it FINISHED. Each "
+        "file is removed once logged: running it twice logs nothing twice.",
+    )
+    sync.add_argument("run_id", help="the MLflow run id (the train stage's warning names it)")
+    sync.set_defaults(handler=_sync_run)
     return parser
 
 

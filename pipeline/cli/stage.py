@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from pipeline.core.config import Config, load_config
-from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.errors import ConfigError, InterruptError, UserError
 from pipeline.core.layout import Layout
+from pipeline.core.tracking import bound_http_retries
 
 EXIT_BAD_PARAMS = 2
 EXIT_FAILED = 1
@@ -58,12 +61,23 @@ def parse_stage_config(
     return cfg, Layout(Path(args.params).resolve().parent)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (`kill`, a scheduler) stops a stage as Ctrl-C does
+
+
 def run_stage(body: Callable[[], None]) -> None:
-    """Run a stage body: log to stderr, turn `UserError`/`ConfigError` into one-line exits."""
+    """Run a stage body: log to stderr, turn `UserError`/`ConfigError` into one-line exits;
+    SIGTERM and Ctrl-C stop it with one line (exit code 130). MLflow's HTTP retries are
+    bounded (seconds, not minutes: `tracking.bound_http_retries`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    bound_http_retries()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         body()
     except ConfigError as err:
         fail(str(err), EXIT_BAD_PARAMS)
     except UserError as err:
-        fail(str(err))
+        fail(str(err), getattr(err, "exit_code", EXIT_FAILED))
+    except KeyboardInterrupt:
+        fail("interrupted", InterruptError.exit_code)

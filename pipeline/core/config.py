@@ -159,6 +159,11 @@ class TrainConfig:
     )
     seed: int = param(0, at_least(0), "seed of weights, noise and shuffling")
     storage_path: str = param("", doc="Ray checkpoint storage; '' = .ray_storage in the repo")
+    resume: str = param(
+        "auto", one_of("auto", "never"),
+        "auto = continue an interrupted run of the same config, data and code from its last "
+        "checkpoint; never = always a fresh run",
+    )
     shards: str = param("", doc="shard directory or fsspec URL; '' = data/shards")
 
 

@@ -7,3 +7,9 @@ class UserError(RuntimeError):
 
 class ConfigError(ValueError):
     """A parameter problem, phrased as one line that names the dotted key."""
+
+
+class InterruptError(UserError):
+    """The user stopped a stage (Ctrl-C, SIGTERM): one line saying how to continue."""
+
+    exit_code = 130  # the shell's code for a command ended by SIGINT

@@ -103,3 +103,42 @@ def shareable_url(url: str | None) -> str | None:
         return url  # scp-like `git@host:org/repo`: a user name, no secret
     host = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
     return urlunsplit((parsed.scheme, host, parsed.path, "", ""))
+
+
+# --- the code a stage runs ------------------------------------------------------------------------
+
+
+def _module_files(root: Path, name: str) -> set[str]:
+    """'pipeline.data.reader' -> pipeline/data/reader.py plus the `__init__.py` of every
+    package on the way (Python runs them all); nothing for a name that is a symbol."""
+    parts = name.split(".")
+    files = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts) + 1)}
+    files.add("/".join(parts) + ".py")
+    return {path for path in files if (root / path).is_file()}
+
+
+def _imported_files(root: Path, relative: str, package: str) -> set[str]:
+    """The `package` files that `root/relative` imports anywhere in it (function-level too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse((root / relative).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {file for name in names if name.split(".")[0] == package
+            for file in _module_files(root, name)}
+
+
+def code_files(root: Path, script: str, package: str = "pipeline") -> set[str]:
+    """Every `package` file (relative to `root`) that `script` imports, directly or through
+    other modules: the code a stage runs (dvc.yaml must list them; tests/test_dag.py)."""
+    found: set[str] = set()
+    pending = [script]
+    while pending:
+        for file in _imported_files(root, pending.pop(), package) - found:
+            found.add(file)
+            pending.append(file)
+    return found

@@ -101,6 +101,21 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(_SQLITE) :]).parent / "mlruns").resolve().as_uri()
 
 
+# MLflow's HTTP client retries a refused connection 7 times with exponential backoff (minutes
+# per call). Stages and commands bound it (seconds); rank 0's buffer does its own retrying.
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # sleeps 1 s, 2 s
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # seconds per request
+}
+
+
+def bound_http_retries(overrides: Mapping[str, str] | None = None) -> None:
+    """Bound MLflow's HTTP retries in this process (values a user exported are kept)."""
+    for key, value in {**HTTP_RETRY_ENV, **(overrides or {})}.items():
+        os.environ.setdefault(key, value)
+
+
 def _client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient  # imported late: a heavy import the workers mostly skip
 
@@ -130,6 +145,41 @@ def start_run(
     for start in range(0, len(items), _PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=items[start : start + _PARAMS_PER_BATCH])
     return run.info.run_id, experiment_id
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[Any]:
+    """The runs of `experiment` holding every tag of `tags`, newest first (none without the
+    experiment)."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    return list(client.search_runs([found.experiment_id], query,
+                                   order_by=["attributes.start_time DESC"], max_results=50))
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed training continues it)."""
+    _client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def last_logged_step(tracking_uri: str, run_id: str, key: str) -> int:
+    """The highest step logged for metric `key` of a run (-1 if none)."""
+    history = _client(tracking_uri).get_metric_history(run_id, key)
+    return max((metric.step for metric in history), default=-1)
+
+
+def last_image_step(tracking_uri: str, run_id: str, key: str) -> int:
+    """The highest step of the images logged under `key` (`log_image`), -1 if none."""
+    client = _client(tracking_uri)
+    steps = [-1]
+    for artifact in client.list_artifacts(run_id, "images"):
+        # MLflow 3 names a step-indexed image `<key, / as ~>+step+<step>+timestamp+...`.
+        name = Path(artifact.path).name
+        if name.startswith(key.replace("/", "~") + "+step+"):
+            steps.append(int(name.split("+step+")[1].split("+")[0]))
+    return max(steps)
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

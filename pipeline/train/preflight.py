@@ -35,6 +35,9 @@ class WorkerPlan:
     fault: FaultSpec | None
     fault_marker: str
     quality: QualityReference | None  # what rank 0 measures quality against, if anything
+    spill_dir: str = ""  # where rank 0's tracking buffer keeps what the server did not take
+    # What a resumed MLflow run already holds, per kind: the highest step (resume.RunChoice).
+    logged_through: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def storage_path(cfg: Config, layout: Layout) -> str:
@@ -144,8 +147,23 @@ def resolve_workers(train: TrainConfig, nodes: list[NodeResources]) -> tuple[Tra
     return dataclasses.replace(train, num_workers=workers, cpus_per_worker=cpus), reason
 
 
-def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> WorkerPlan:
+UNLOGGED_DIR = "unlogged"  # in a Ray run's storage: what rank 0 could not log (sync-run)
+
+
+def spill_dir(storage: str, run_name: str) -> Path:
+    """Where the run's tracking buffer spills: under the run's storage (a URL storage: a local
+    folder, named in the warning)."""
+    if "://" in storage:
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "dcgan_unlogged" / run_name
+    return Path(storage) / run_name / UNLOGGED_DIR
+
+
+def worker_plan(cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
+                logged_through: dict[str, int] | None = None) -> WorkerPlan:
     """The plan every worker of run `run_name` receives."""
     marker = Path(plan.storage_path) / run_name / "fault_injected"
     return WorkerPlan(cfg, plan.urls, plan.split_shape, plan.steps_per_epoch, plan.tracking_uri,
-                      run_id, plan.fault, str(marker), plan.quality)
+                      run_id, plan.fault, str(marker), plan.quality,
+                      str(spill_dir(plan.storage_path, run_name)), dict(logged_through or {}))

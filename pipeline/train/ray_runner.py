@@ -11,8 +11,11 @@ rank 0 only, and fire the fault that the plan carries (tests).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -20,12 +23,11 @@ from typing import Any
 
 import torch
 
-from pipeline.core import tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
 from pipeline.metrics.probe import QualityProbe
-from pipeline.train import checkpoints, mlflow_run
+from pipeline.train import checkpoints, mlflow_run, resume
 from pipeline.train.collectives import all_gather_hex
 from pipeline.train.connect import connect_ray, job_logs_command
 from pipeline.train.loop import LoopEnv, TrainLoop
@@ -37,10 +39,14 @@ from pipeline.train.preflight import (
     resolve_workers,
     worker_plan,
 )
+from pipeline.train.tracking_buffer import TrackingBuffer
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_TO_KEEP = 2
+ABORT_TIMEOUT_S = 30.0  # Ctrl-C: how long the controller may take to stop the workers
+BUFFER_DRAIN_S = 10.0  # rank 0's wait at the end for a tracking server that does not answer
+WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 # --- worker side ----------------------------------------------------------------------------------
@@ -57,6 +63,14 @@ class RayHooks:
         train = plan.config.train
         # MLflow steps count images seen, so runs of any worker count overlay.
         self.global_batch = train.batch_size * train.num_workers
+        # Rank 0's tracking goes through a buffer: a server that does not answer never stalls
+        # a step (pipeline.train.tracking_buffer).
+        self.buffer = (TrackingBuffer(plan.tracking_uri, plan.mlflow_run_id,
+                                      Path(plan.spill_dir)) if rank == 0 else None)
+
+    def _new(self, kind: str, step: int) -> bool:
+        """False for what a resumed MLflow run already holds (its history is not repeated)."""
+        return step > self.plan.logged_through.get(kind, -1)
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from ray.train.torch import prepare_model
@@ -86,20 +100,32 @@ class RayHooks:
             return
         with tempfile.TemporaryDirectory(prefix="dcgan_ckpt_") as directory:
             checkpoints.save_state(state, directory)
+            # The step, readable without loading the state: the driver's resume line.
+            (Path(directory) / resume.PROGRESS_FILE).write_text(
+                json.dumps({"step": state["step"]}) + "\n")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def log_rows(self, rows: list[dict[str, float]]) -> None:
-        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id,
-                                 mlflow_run.metric_rows(rows, self.global_batch))
+        assert self.buffer is not None  # the loop logs on rank 0 only
+        self.buffer.metrics([row for row in mlflow_run.metric_rows(rows, self.global_batch)
+                             if self._new("rows", row["step"])])
 
     def log_quality(self, rows: list[dict[str, float]]) -> None:
-        tracking.log_metric_rows(self.plan.tracking_uri, self.plan.mlflow_run_id,
-                                 mlflow_run.quality_metric_rows(rows))
+        assert self.buffer is not None
+        self.buffer.metrics([row for row in mlflow_run.quality_metric_rows(rows)
+                             if self._new("quality", row["step"])])
 
     def publish_grid(self, epoch: int, step: int, images: torch.Tensor) -> None:
-        tracking.log_image(self.plan.tracking_uri, self.plan.mlflow_run_id,
-                           mlflow_run.grid_image(images), mlflow_run.GRID_KEY,
-                           step * self.global_batch)
+        assert self.buffer is not None
+        if self._new("grids", step * self.global_batch):
+            self.buffer.image(mlflow_run.grid_image(images), mlflow_run.GRID_KEY,
+                              step * self.global_batch)
+
+    def close(self) -> None:
+        """Rank 0: let the buffer drain for a bounded time; the rest waits in the spill folder
+        (the driver says so)."""
+        if self.buffer is not None:
+            self.buffer.close(BUFFER_DRAIN_S)
 
 
 def train_worker(plan: WorkerPlan) -> dict[str, Any]:
@@ -123,14 +149,20 @@ def train_worker(plan: WorkerPlan) -> dict[str, Any]:
 
     env = LoopEnv(rank, world_size, device, plan.steps_per_epoch)
     probe = QualityProbe(plan.quality, device) if rank == 0 and plan.quality else None
-    loop = TrainLoop(cfg, env, RayHooks(rank, plan), state, probe)
+    # The buffer's sender retries by itself: one quick attempt per MLflow request.
+    os.environ.update(WORKER_HTTP_ENV)
+    hooks = RayHooks(rank, plan)
+    loop = TrainLoop(cfg, env, hooks, state, probe)
     batches = training_batches(
         plan.urls, cache=cfg.train.data_cache, split_shape=plan.split_shape,
         batch_size=cfg.train.batch_size, rank=rank, world_size=world_size,
         num_batches=plan.steps_per_epoch, seed=cfg.train.seed, device=device,
         decode_processes=cfg.train.cpus_per_worker, loader_workers=cfg.train.loader_workers,
     )
-    outcome = loop.run(batches).to_dict()
+    try:
+        outcome = loop.run(batches).to_dict()
+    finally:
+        hooks.close()  # also when this attempt fails: what was queued is spilled, not lost
     node_id = ray.get_runtime_context().get_node_id()
     outcome["worker_node_ids"] = all_gather_hex(node_id, world_size)
     return outcome
@@ -153,7 +185,8 @@ def resolve_cluster(cfg: Config) -> Config:
     return cfg
 
 
-def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:
+def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
+         logged_through: dict[str, int]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -161,7 +194,7 @@ def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=worker_plan(cfg, plan, run_name, run_id),
+        train_loop_config=worker_plan(cfg, plan, run_name, run_id, logged_through),
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
         ),
@@ -172,7 +205,34 @@ def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP),
         ),
     )
+    _stop_on_signals(trainer)
     return trainer.fit()
+
+
+def _stop_on_signals(trainer: Any) -> None:
+    """Ctrl-C and SIGTERM abort the run as Ray's own SIGINT handler does (the controller stops
+    the workers), then raise KeyboardInterrupt, so the stage marks the MLflow run KILLED and
+    says how to continue. Ray's handler (`DataParallelTrainer._register_sigint_handler`, Ray
+    2.60) ends the driver with `sys.exit` instead, and leaves SIGTERM alone."""
+    if not hasattr(trainer, "_register_sigint_handler"):
+        return  # another Ray: its own handling stays
+
+    def register(controller: Any) -> None:
+        import signal
+
+        import ray
+
+        def stop(signum: int, frame: object) -> None:
+            logger.info("%s: stopping the workers", signal.Signals(signum).name)
+            # The controller ends itself on abort (RayActorError); the driver's exit the rest.
+            with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+                ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+    trainer._register_sigint_handler = register
 
 
 def _root_cause(err: BaseException) -> str:
@@ -183,13 +243,16 @@ def _root_cause(err: BaseException) -> str:
 
 
 def fit(
-    cfg: Config, plan: TrainPlan, run_name: str, run_id: str
+    cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
+    logged_through: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """Fit; return (final checkpoint state, rank 0's loop result, its path) or raise UserError."""
+    """Fit (a run of `run_name` on storage continues from its newest checkpoint: Ray Train
+    restores it); return (final checkpoint state, rank 0's loop result, its path) or raise
+    UserError. `logged_through`: what MLflow run `run_id` already holds (`resume.RunChoice`)."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     try:
-        result = _fit(cfg, plan, run_name, run_id)
+        result = _fit(cfg, plan, run_name, run_id, logged_through or {})
     except TrainingFailedError as err:
         logs = job_logs_command()  # under `ray job submit`: where the whole log is
         raise UserError(
