@@ -10,7 +10,8 @@ What a captured step needs (PyTorch's "whole-network capture" recipe):
 * static inputs: the real batch, the noise, the augmentation's uniform draws and the step
   number are copied into fixed tensors before each replay (the draws come from the loop's own
   generator outside the graph, so a replay repeats no randomness); everything the step
-  writes (parameters, optimizer state, batch-norm buffers, the loop's on-device accumulators) is updated in place, at fixed addresses;
+  writes (parameters, optimizer state, batch-norm buffers, the loop's on-device
+  accumulators) is updated in place, at fixed addresses;
 * optimizers with `capturable=True` (their step counters live on the device);
 * gradients set to None before their backward inside the step, so that backward allocates
   them from the graph's pool and writes (not accumulates) them on every replay;
