@@ -4,11 +4,11 @@ right way, ranks agree on p, and a resumed augmented run ends bit-identical."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
+from test_training import LocalHooks
 
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config, load_config
@@ -131,34 +131,6 @@ def test_p_is_the_same_on_two_gloo_ranks_with_different_data():
 # --- runs ----------------------------------------------------------------------------------------
 
 
-class LocalHooks:
-    """LoopHooks without Ray: DDP over gloo when world_size > 1, checkpoints in memory."""
-
-    def __init__(self, world_size: int = 1) -> None:
-        self.world_size = world_size
-        self.saved: list[dict] = []
-
-    def wrap_model(self, model):
-        if self.world_size == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-
-    def before_step(self, step):
-        pass
-
-    def save_checkpoint(self, state, metrics):
-        self.saved.append(copy.deepcopy(state))
-
-    def log_rows(self, rows):
-        pass
-
-    def log_quality(self, rows):
-        pass
-
-    def publish_grid(self, epoch, step, images):
-        pass
-
-
 def batches(epoch: int, skip: int):
     """A fixed tiny dataset: the same batches for every run of an epoch."""
     data = torch.Generator().manual_seed(epoch)
@@ -195,9 +167,9 @@ def test_a_resumed_adaptive_run_ends_bit_identical_to_an_uninterrupted_one():
                       "train.ada_speed_images=32", "train.epochs=3",
                       "train.checkpoint_every_steps=5")
     straight, hooks = train(cfg)
-    assert [state["step"] for state in hooks.saved] == [5, 10, 15, 18]
+    assert [saved["state"]["step"] for saved in hooks.saved] == [5, 10, 15, 18]
     assert 0 < float(straight.augment_p) <= 1  # p moved
-    resumed, _ = train(cfg, hooks.saved[0])  # from step 5 of 18, mid-epoch
+    resumed, _ = train(cfg, hooks.saved[0]["state"])  # from step 5 of 18, mid-epoch
     assert resumed.resumed_from_steps == [5]
     assert digest(resumed) == digest(straight)
     assert float(resumed.augment_p) == float(straight.augment_p)
