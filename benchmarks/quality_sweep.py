@@ -91,7 +91,8 @@ class Sweep(training.TrainLoop):
     def _epoch_grid(self, epoch: int) -> None:
         began = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch,
-                               "train_s": round(began - self.started - self.probe_s, 1)}
+                               "train_s": round(began - self.started - self.probe_s, 1),
+                               "augment_p": round(float(self.augment_p), 3)}
         generator = training.unwrap(self.generator).eval()
         with torch.no_grad():
             raw = generator(self.quality_noise).clamp(-1, 1)

@@ -50,6 +50,7 @@ def make_workspace(
     overrides: tuple[str, ...] = (),
     extractor_sha: str = EXTRACTOR_SHA,
     num_samples: int = 100,
+    classes_hit: int = 10,
 ) -> dict:
     """Write an evaluated generator under `root` (models/, reports/, data/, params.yaml) and a
     finished training run; return {"run_id", "generator", "overrides"}."""
@@ -85,12 +86,14 @@ def make_workspace(
         "kid_classifier": fid / 100,
         "fid_classifier_floor": 1.5,
         "classifier_score": 9.0 - fid / 10,
-        "classes_hit": 10,
+        "classes_hit": classes_hit,
     }
+    histogram = [num_samples // classes_hit if k < classes_hit else 0 for k in range(10)]
     Evaluation(
         feature_extractor="classifier", feature_extractor_sha256=extractor_sha,
         num_samples=num_samples, num_real_samples=num_samples, floor_num_samples=num_samples,
-        kid_subset_size=50, generator_steps=10, scores=scores, mode_collapse=False,
+        kid_subset_size=50, generator_steps=10, scores=scores,
+        mode_collapse=classes_hit < 8, class_histogram=histogram,
     ).save(layout)
     dataset_stats(dataset_sha256=DATASET_SHA).save(layout)
     return {"run_id": run_id, "generator": generator, "overrides": overrides, "config": cfg}

@@ -1,6 +1,6 @@
-"""The package layout holds: each layer imports only the layers below it, and no module
-imports itself back through others (DESIGN.md: core <- data/models <- metrics <- train/evaluate <-
-registry <- cli <- stages)."""
+"""The package layout holds: each layer imports only the layers below it (core <- data/models
+<- metrics <- train/evaluate <- registry <- cli <- stages), no module imports itself back
+through others, and each subpackage's docstring names every one of its modules."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_every_subpackage_says_what_it_is_for():
     for package in ALLOWED:
         init = PACKAGE / package / "__init__.py"
         docstring = ast.get_docstring(ast.parse(init.read_text()))
-        assert docstring and len(docstring.splitlines()) <= 2, init
+        # One summary line, then (test below) its modules.
+        assert docstring and docstring.splitlines()[0].endswith((".", ":")), init
 
 
 @pytest.mark.parametrize("module", sorted(_modules()))
@@ -88,3 +89,13 @@ def test_no_import_cycles():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_each_package_docstring_names_its_modules(package):
+    """A newcomer finds a module from its package's docstring: each is named, as `module`."""
+    init = PACKAGE / package / "__init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+    modules = sorted(path.stem for path in (PACKAGE / package).glob("*.py")
+                     if path.stem != "__init__")
+    assert [name for name in modules if f"`{name}`" not in doc] == []

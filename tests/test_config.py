@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import copy_repo, stage_env
+
+from pipeline.core.config import Config, load_config, to_flat_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +86,14 @@ def test_logged_text_of_the_wrong_type_or_key_is_refused(key, text):
 
     with pytest.raises(ConfigError, match=key):
         from_logged_text(key, text)
+
+
+def test_params_yaml_spells_out_exactly_the_built_in_defaults():
+    """One source of defaults: the repository's params.yaml names every key, with the value
+    `Config()` has, so tests, the CLI and `dvc repro` train the same model."""
+    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    written = {f"{section}.{key}" for section, values in tree.items() for key in values}
+    defaults = to_flat_dict(Config())
+    assert written == set(defaults)
+    from_file = to_flat_dict(load_config(REPO_ROOT / "params.yaml"))
+    assert {key: value for key, value in from_file.items() if defaults[key] != value} == {}

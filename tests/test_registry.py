@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import stop_process_group, wait_for_http
 from mlflow import MlflowClient
 from PIL import Image
 from registry_helpers import (
     DATASET_SHA,
     EXTRACTOR_SHA,
+    SPEC,
     description_of,
     error_lines,
     make_workspace,
@@ -118,6 +125,34 @@ def test_register_twice_makes_one_version_that_loads_without_pickle(mlflow_serve
     np.testing.assert_allclose(images, expected, atol=1e-6)
     inputs = model.metadata.get_input_schema().inputs
     assert inputs[0].name == "z" and inputs[0].shape == (-1, 8)
+
+
+def test_a_collapsed_or_non_finite_evaluation_is_registered_but_never_the_candidate(
+        mlflow_server, tmp_path):
+    name = "gen-withheld"
+    client = _client(mlflow_server)
+
+    def register(seed: int, fid: float, classes_hit: int) -> tuple[dict, str]:
+        root = tmp_path / f"seed{seed}"
+        workspace = make_workspace(root, mlflow_server, seed=seed, fid=fid,
+                                   classes_hit=classes_hit)
+        stage = register_stage(root, (*workspace["overrides"], f"register.model_name={name}"))
+        return json.loads((root / "reports" / "registry.json").read_text()), stage.stdout
+
+    good, _ = register(1, 12.5, 10)
+    assert good["alias"] == "candidate" and good.get("alias_withheld") is None
+    collapsed, said = register(2, 594.95, 1)
+    not_finite, _ = register(3, float("nan"), 10)
+
+    # Both are versions (lineage), neither moved the alias off the good one.
+    assert [collapsed["version"], not_finite["version"]] == ["2", "3"]
+    assert client.get_model_version_by_alias(name, "candidate").version == "1"
+    assert collapsed["alias_withheld"] == "mode collapse (1/10 classes)"
+    assert not_finite["alias_withheld"] == "non-finite fid_classifier"
+    assert "not moved: mode collapse (1/10 classes)" in said
+    tags = client.get_model_version(name, "2").tags
+    assert tags["alias_withheld"] == "mode collapse (1/10 classes)"
+    assert "alias_withheld" not in client.get_model_version(name, "1").tags
 
 
 def test_sample_writes_grid_and_array_from_alias(mlflow_server, tmp_path):
@@ -277,3 +312,54 @@ def test_the_models_code_shipped_with_a_version_never_hides_the_library(tmp_path
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith(str(code))  # the shipped copy did shadow it
+
+
+def _post_json(url: str, payload: object) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_models_serve_answers_with_the_images_pipeline_sample_draws(mlflow_server,
+                                                                            tmp_path):
+    """README, "Serving the champion": `mlflow models serve` on a registered version, z posted
+    as {"inputs": ...} (or {"instances": ...}); the same z gives the same images as `sample`;
+    a wrong shape is a 4xx that names the expected one."""
+    name = "gen-serve"
+    workspace = make_workspace(tmp_path, mlflow_server, seed=4, fid=9.0,
+                               overrides=(f"register.model_name={name}",))
+    register_in_process(tmp_path, workspace, mlflow_server)
+    client = _client(mlflow_server)
+    client.set_registered_model_alias(name, "champion", "1")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=180)
+        z = latent_noise(4, SPEC.nz, seed=3)
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, body = _post_json(url, {"inputs": z.tolist()})
+        assert status == 200, body
+        images = np.asarray(body["predictions"], dtype=np.float32)
+        assert images.shape == (4, SPEC.channels, SPEC.image_size, SPEC.image_size)
+        assert images.min() >= -1 and images.max() <= 1
+        sample_to_file(f"models:/{name}@champion", 4, 3, tmp_path / "s.npy", "npy")
+        np.testing.assert_allclose(images, np.load(tmp_path / "s.npy"), atol=1e-5)
+        status, body = _post_json(url, {"instances": z.tolist()})
+        assert status == 200 and np.asarray(body["predictions"]).shape == images.shape
+
+        status, body = _post_json(url, {"inputs": [[0.0, 0.0]]})
+        assert 400 <= status < 500
+        assert f"(-1, {SPEC.nz})" in body.get("message", ""), body
+    finally:
+        stop_process_group(server)

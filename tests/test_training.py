@@ -21,7 +21,7 @@ from pipeline.core.config import Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
 from pipeline.models.dcgan import Generator, GeneratorSpec, build_generator
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, shm_allreduce
 from pipeline.train import loop as training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +67,13 @@ class LocalHooks:
 # --- the loop without Ray -----------------------------------------------------------------------
 
 
-def _steps_on_ranks(rank: int, world_size: int, real: torch.Tensor, noise: torch.Tensor) -> dict:
+def _steps_on_ranks(rank: int, world_size: int, real: torch.Tensor, noise: torch.Tensor,
+                    cpu_allreduce: str = "auto") -> dict:
     """Run `len(real)` DCGAN steps; this rank takes its slice of every global batch."""
     torch.set_num_threads(1)
     per_rank = real.shape[1] // world_size
-    cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": per_rank})
+    cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": per_rank,
+                         "train.cpu_allreduce": cpu_allreduce})
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), steps_per_epoch=10)
     loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -80,6 +82,7 @@ def _steps_on_ranks(rank: int, world_size: int, real: torch.Tensor, noise: torch
     return {
         "g": {k: v.clone() for k, v in training.unwrap(loop.generator).state_dict().items()},
         "d": {k: v.clone() for k, v in training.unwrap(loop.discriminator).state_dict().items()},
+        "shared_memory": world_size > 1 and shm_allreduce.channel_for() is not None,
     }
 
 
@@ -98,6 +101,20 @@ def test_two_ddp_ranks_take_the_steps_of_one_process_with_the_global_batch():
                 rank0[part][key].double(), expected.double(), rtol=1e-4, atol=1e-6,
                 msg=lambda m, k=f"{part}.{key}": f"{k}: {m}",
             )
+
+
+def test_cpu_allreduce_gloo_is_the_operators_fallback_and_trains_the_same():
+    """`train.cpu_allreduce=gloo` turns the shared-memory all-reduce off on every rank; for two
+    ranks both sum a + b in float32, so the weights are the same bits."""
+    generator = torch.Generator().manual_seed(2)
+    real = torch.rand(2, 8, 1, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(2, 8, 16, generator=generator)
+    shared, _ = run_gloo_ranks(_steps_on_ranks, 2, (real, noise, "auto"))
+    gloo, _ = run_gloo_ranks(_steps_on_ranks, 2, (real, noise, "gloo"))
+    assert shared["shared_memory"] and not gloo["shared_memory"]
+    for part in ("g", "d"):
+        for key, expected in shared[part].items():
+            assert torch.equal(gloo[part][key], expected), f"{part}.{key}"
 
 
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():

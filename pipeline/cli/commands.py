@@ -8,6 +8,7 @@ one-line error before any work. Failures a user can fix exit 1 with one line.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,11 +17,17 @@ from pipeline.core.config import PARAMS_FILE, Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.tracking import check_reachable, resolve_tracking_uri
 
+log = logging.getLogger(__name__)
+
 
 def _params(args: argparse.Namespace) -> Config:
-    # Defaults only: a user outside the repository (no params.yaml) still gets the built-ins.
+    # Outside the repository (no params.yaml) the built-ins, which are params.yaml's defaults.
     path = Path(args.params)
-    return load_config(path) if path.exists() else Config()
+    if path.exists():
+        return load_config(path)
+    log.info("no %s here: using the built-in defaults (those of the repository's params.yaml)",
+             path)
+    return Config()
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:

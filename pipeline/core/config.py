@@ -1,5 +1,9 @@
 """Typed, frozen, validated parameters: `params.yaml` plus `-S key=value` overrides.
 
+The defaults below are the defaults: `params.yaml` spells out every key with exactly these
+values (tests/test_config.py fails when the two differ), so `Config()`, the CLI and `dvc repro`
+train the same model.
+
 Every section of `params.yaml` maps to one frozen dataclass. Each field carries its own check
 (`allowed`), so a bad value is reported as one line naming the dotted key and what is allowed,
 before any work starts. Stages exit with code 2 on such an error (see `pipeline.cli`).
@@ -99,8 +103,8 @@ class ModelConfig:
     """`model`: DCGAN widths."""
 
     nz: int = param(100, at_least(1), "length of the latent vector z")
-    ngf: int = param(64, at_least(1), "generator width (channels of its last hidden layer)")
-    ndf: int = param(64, at_least(1), "discriminator width (channels of its first layer)")
+    ngf: int = param(32, at_least(1), "generator width (channels of its last hidden layer)")
+    ndf: int = param(32, at_least(1), "discriminator width (channels of its first layer)")
 
 
 @dataclass(frozen=True)
@@ -115,17 +119,17 @@ class TrainConfig:
         0, at_least(0), "CPUs (torch threads) per worker; 0 = auto: its node's share"
     )
     batch_size: int = param(64, at_least(1), "images per worker per step")
-    epochs: int = param(5, at_least(1), "passes over the train split (global batch)")
-    lr_g: float = param(2e-4, between(0.0, 1.0, low_open=True), "Adam lr of the generator")
-    lr_d: float = param(2e-4, between(0.0, 1.0, low_open=True), "Adam lr of the discriminator")
+    epochs: int = param(20, at_least(1), "passes over the train split (global batch)")
+    lr_g: float = param(2e-3, between(0.0, 1.0, low_open=True), "Adam lr of the generator")
+    lr_d: float = param(2e-3, between(0.0, 1.0, low_open=True), "Adam lr of the discriminator")
     beta1: float = param(0.5, between(0.0, 1.0, high_open=True), "Adam beta1")
-    beta2: float = param(0.999, between(0.0, 1.0, high_open=True), "Adam beta2")
+    beta2: float = param(0.99, between(0.0, 1.0, high_open=True), "Adam beta2")
     precision: str = param("fp32", one_of("fp32", "bf16"), "autocast precision")
     ema_half_life_images: int = param(
         10_000, at_least(0), "half-life of the generator's weight average (images); 0 = off"
     )
     eval_every_images: int = param(
-        0, at_least(0), "images between in-training quality checks; 0 = every epoch"
+        9000, at_least(0), "images between in-training quality checks; 0 = every epoch"
     )
     augment: str = param(
         "off", one_of("off", "fixed", "adaptive"),
@@ -145,7 +149,12 @@ class TrainConfig:
     )
     ada_every_steps: int = param(4, at_least(1), "steps between adjustments of p (adaptive)")
     sync_batchnorm: bool = param(True, doc="batch statistics of the global batch")
-    checkpoint_every_steps: int = param(100, at_least(1), "steps between checkpoints")
+    cpu_allreduce: str = param(
+        "auto", one_of("auto", "gloo"),
+        "CPU ranks: auto = shared memory among ranks on one x86 machine, else gloo; gloo = "
+        "always gloo",
+    )
+    checkpoint_every_steps: int = param(200, at_least(1), "steps between checkpoints")
     log_every_steps: int = param(10, at_least(1), "steps between logged metrics")
     max_failures: int = param(2, at_least(0), "worker-group restarts Ray attempts")
     data_cache: str = param(
@@ -175,7 +184,7 @@ class ClassifierConfig:
     batch_size: int = param(64, at_least(1), "images per step")
     lr: float = param(4e-3, between(0.0, 1.0, low_open=True), "peak Adam lr (one-cycle)")
     seed: int = param(0, at_least(0), "seed of weights and shuffling")
-    min_val_accuracy: float = param(0.0, between(0.0, 1.0), "the bar of a trusted extractor")
+    min_val_accuracy: float = param(0.98, between(0.0, 1.0), "the bar of a trusted extractor")
     on_below_min: str = param(
         "auto", one_of("auto", "error", "weak"),
         "below the bar: error, or go on with FIDs marked weak; auto = error on mnist5k",

@@ -299,7 +299,8 @@ class Evaluation(Record):
 
 @dataclass(frozen=True)
 class RegistryRecord(Record):
-    """reports/registry.json, written by `register`: the version that holds the alias."""
+    """reports/registry.json, written by `register`: the version registered and whether it took
+    the alias (`alias_withheld`: why not, when its evaluation says it is not worth promoting)."""
 
     RELATIVE_PATH: ClassVar[Path] = files_layout.REGISTRY_RECORD
     STAGE: ClassVar[str] = "register"
@@ -309,3 +310,4 @@ class RegistryRecord(Record):
     version: str
     uri: str
     alias: str
+    alias_withheld: str | None = None

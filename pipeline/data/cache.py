@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.core.errors import UserError
+from pipeline.core.progress import progress
 from pipeline.data.loader import EpochLoader
 from pipeline.data.reader import decode_sample, read_shard
 
@@ -108,11 +108,11 @@ def decode_split(urls: list[str], *, with_labels: bool = False, num_processes: i
     Shards are decoded in `num_processes` processes (spawned: the caller may run threads)."""
     jobs = [(url, with_labels) for url in urls]
     parts = []
-    with tqdm(total=len(urls), desc="decoding the split into memory", unit="shard") as progress:
+    with progress(total=len(urls), desc="decoding the split into memory", unit="shard") as bar:
         for pixels, labels in _decoded(jobs, num_processes):
             if len(pixels):
                 parts.append((pixels, labels))
-            progress.update()
+            bar.update()
     if not parts:
         raise UserError(f"no samples in the {len(urls)} shard(s) starting with {urls[0]}")
     shapes = {pixels.shape[1:] for pixels, _ in parts}

@@ -30,6 +30,7 @@ from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
+from pipeline.core.progress import progress
 from pipeline.core.records import DatasetStats
 from pipeline.data.images import (
     REASONS,
@@ -101,30 +102,30 @@ def _decode_all(source: Source, cfg: DataConfig) -> list[Outcome]:
     num_processes = cfg.num_processes or os.cpu_count() or 1
     outcomes: list[Outcome] = []
     total = len(source.names) + len(source.unsafe)
-    progress = tqdm(total=total, desc="prepare: decoding", unit="img")
+    bar = progress(total=total, desc="prepare: decoding", unit="img")
     unsafe = [
         Outcome(len(source.names) + i, name, f"{source.location}!{name}", None, None,
                 UNSAFE_NAME, "a member name that leaves the archive")
         for i, name in enumerate(source.unsafe)
     ]
-    _collect(unsafe, outcomes, progress, cfg)
+    _collect(unsafe, outcomes, bar, cfg)
     try:
         if num_processes == 1:
             results: Iterable[Outcome] = map(work, source.items())
-            _collect(results, outcomes, progress, cfg)
+            _collect(results, outcomes, bar, cfg)
         else:
             # spawn: no fork of a process that already runs threads (tqdm's monitor).
             context = multiprocessing.get_context("spawn")
             with context.Pool(num_processes) as pool:
-                _collect(pool.imap(work, source.items(), chunksize=32), outcomes, progress, cfg)
+                _collect(pool.imap(work, source.items(), chunksize=32), outcomes, bar, cfg)
     except _ARCHIVE_ERRORS as err:
         raise UserError(f"data.source {source.location}: cannot read it ({err})") from err
     finally:
-        progress.close()
+        bar.close()
     return sorted(outcomes, key=lambda o: o.index)
 
 
-def _collect(results: Iterable[Outcome], into: list[Outcome], progress: tqdm, cfg: DataConfig):
+def _collect(results: Iterable[Outcome], into: list[Outcome], bar: tqdm, cfg: DataConfig):
     for outcome in results:
         if outcome.image is None and cfg.on_bad_image == "error":
             detail = f" ({outcome.detail})" if outcome.detail else ""
@@ -133,7 +134,7 @@ def _collect(results: Iterable[Outcome], into: list[Outcome], progress: tqdm, cf
                 "set data.on_bad_image=skip to skip and count such files"
             )
         into.append(outcome)
-        progress.update()
+        bar.update()
 
 
 # --- split --------------------------------------------------------------------------------------

@@ -1,2 +1,6 @@
-"""Measuring a generator: the domain classifier stage, feature extractors, FID/KID and class
-coverage, and the evaluate stage."""
+"""The `classifier` and `evaluate` stages.
+
+`classifier`: train the domain classifier (the FID feature extractor of labelled data).
+`evaluation`: FID/KID against the train split beside the real-vs-real floor, class coverage
+and sample grids. `mlflow_log`: what evaluate adds to the training's MLflow run. The metrics
+themselves live in `pipeline.metrics`."""

@@ -12,12 +12,12 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
-from tqdm import tqdm
 
 from pipeline.core.config import BUILTIN_SOURCE, ClassifierConfig, Config
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
+from pipeline.core.progress import progress
 from pipeline.core.records import ClassifierRecord, DatasetStats
 from pipeline.data import cache, loader
 from pipeline.data.pixels import to_signed
@@ -94,16 +94,16 @@ def fit_classifier(
     )
     for epoch in range(ccfg.epochs):
         model.train()
-        progress = tqdm(epoch_batches(epoch), total=steps_per_epoch, unit="batch",
-                        desc=f"classifier epoch {epoch + 1}/{ccfg.epochs}")
-        for pixels, labels in progress:
+        bar = progress(epoch_batches(epoch), total=steps_per_epoch, unit="batch",
+                       desc=f"classifier epoch {epoch + 1}/{ccfg.epochs}")
+        for pixels, labels in bar:
             logits = model.logits(random_affine(to_signed(pixels), warps))
             loss = F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.to(memory_format=torch.contiguous_format).eval()
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline.core import tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
+from pipeline.core.progress import progress
 from pipeline.core.records import (
     ClassifierRecord,
     DatasetStats,
@@ -91,7 +91,7 @@ def generate(
     chunks = list(torch.split(z, batch_size))
     images = []
     with torch.no_grad():
-        for chunk in tqdm(chunks, desc="generating", unit="batch"):
+        for chunk in progress(chunks, desc="generating", unit="batch"):
             images.append(generator(chunk.to(device)).float().cpu())
     return torch.cat(images)
 

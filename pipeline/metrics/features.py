@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.core.config import EvalConfig
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
+from pipeline.core.progress import progress
 from pipeline.core.records import ClassifierRecord, DatasetStats
 from pipeline.data import loader
 from pipeline.data.pixels import quantize, to_signed
@@ -105,7 +106,7 @@ def extract(
     features, scores = [], []
     module.to(device).eval()
     with torch.no_grad():
-        for batch in tqdm(images, desc=desc, unit="batch", total=total):
+        for batch in progress(images, desc=desc, unit="batch", total=total):
             batch = quantize(batch).to(device)
             features.append(module(batch).double().cpu())
             if logits is not None:
@@ -130,7 +131,9 @@ def real_features(
         desc=f"{extractor.name} features of real {split}", total=math.ceil(count / batch_size),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp.npy")
+    # Atomic, and a name of this process's own: a killed run never leaves a half-written
+    # entry, and two runs that fill the same entry at once do not trip over each other.
+    partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(partial, found.numpy(), allow_pickle=False)
-    partial.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    partial.replace(path)
     return found

@@ -1,2 +1,4 @@
-"""The networks: the DCGAN generator and discriminator, the domain classifier and the FID
-Inception v3. Plain torch modules; no files beyond their own weights."""
+"""The networks; plain torch modules, no files beyond their own weights.
+
+`dcgan`: the DCGAN generator and discriminator. `classifier`: the domain classifier.
+`inception`: the FID Inception v3."""

@@ -8,6 +8,7 @@ tags: `pipeline.registry.tags`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import mlflow
@@ -33,6 +34,8 @@ from pipeline.registry.tags import LEGACY_TAG_PREFIXES, version_tags
 
 log = logging.getLogger(__name__)
 
+TAG_ALIAS_WITHHELD = "alias_withheld"  # on a version that did not take the alias: why
+
 MODEL_DESCRIPTION = (
     "DCGAN generator of the dcgan-pipeline. Each version is one trained and evaluated "
     "generator; its description and tags give its scores and lineage, its source run holds "
@@ -57,7 +60,25 @@ class Registration:
     def __str__(self) -> str:
         how = "new version" if self.created else "these weights were already registered"
         r = self.record
+        if r.alias_withheld:
+            return (f"{r.name} version {r.version} ({how}) registered for lineage, alias "
+                    f"{r.alias!r} not moved: {r.alias_withheld}: {r.uri}")
         return f"{r.name} version {r.version} ({how}) holds alias {r.alias!r}: {r.uri}"
+
+
+def withheld_reason(evaluation: Evaluation) -> str | None:
+    """Why this evaluation is not worth the alias (a mode collapse, a non-finite FID), or None.
+    Such a version is still registered, for lineage, but must not be what `promote` picks up."""
+    fids = {key: value for key, value in evaluation.scores.items()
+            if key.startswith("fid_") and not key.endswith(("_floor", "_std"))}
+    broken = sorted(key for key, value in fids.items() if not math.isfinite(value))
+    if broken:
+        return f"non-finite {', '.join(broken)}"
+    if evaluation.mode_collapse:
+        hit = int(evaluation.scores.get("classes_hit", 0))
+        total = len(evaluation.class_histogram or [])
+        return f"mode collapse ({hit}/{total} classes)" if total else "mode collapse"
+    return None
 
 
 def open_registry(tracking_uri: str) -> MlflowClient:
@@ -134,9 +155,17 @@ def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Regist
     if summary:
         client.update_model_version(name, version, description=summary)
     _describe_model(client, name)
-    client.set_registered_model_alias(name, alias, version)
+    withheld = withheld_reason(evaluation)
+    if withheld:
+        client.set_model_version_tag(name, version, TAG_ALIAS_WITHHELD, withheld)
+        log.warning("%s version %s is registered for lineage but does not take alias %r: %s",
+                    name, version, alias, withheld)
+    else:
+        if TAG_ALIAS_WITHHELD in (existing.tags if existing else {}):
+            client.delete_model_version_tag(name, version, TAG_ALIAS_WITHHELD)
+        client.set_registered_model_alias(name, alias, version)
+        log.info("%s version %s holds alias %r", name, version, alias)
     record = RegistryRecord(name=name, version=version, uri=f"models:/{name}/{version}",
-                            alias=alias)
+                            alias=alias, alias_withheld=withheld)
     record.save(layout)
-    log.info("%s version %s holds alias %r", name, version, alias)
     return Registration(record, created)

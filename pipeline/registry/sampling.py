@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.core.errors import UserError
+from pipeline.core.progress import progress
 from pipeline.data.grids import save_grid
 from pipeline.models.dcgan import latent_noise
 
@@ -54,7 +54,7 @@ def generate(model: PyFuncModel, z: np.ndarray) -> np.ndarray:
     chunks = [z[start : start + SAMPLE_BATCH_SIZE] for start in range(0, len(z), SAMPLE_BATCH_SIZE)]
     images = [
         np.asarray(model.predict({"z": chunk}), dtype=np.float32)
-        for chunk in tqdm(chunks, desc="generating", unit="batch", disable=len(chunks) < 2)
+        for chunk in progress(chunks, desc="generating", unit="batch", disable=len(chunks) < 2)
     ]
     return np.concatenate(images)
 

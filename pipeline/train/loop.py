@@ -34,7 +34,7 @@ from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_gene
 from pipeline.train import augment, captured, checkpoints
 from pipeline.train.collectives import all_gather, all_gather_hex
 from pipeline.train.ema import GeneratorEma
-from pipeline.train.shm_allreduce import register_ddp_hook
+from pipeline.train.shm_allreduce import register_ddp_hook, use_shared_memory
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ class TrainLoop:
         ).to(env.device)
         self.ema_refreshed_at_step = -1
 
+        # SyncBatchNorm's and DDP's all-reduces; before the first forward.
+        use_shared_memory(train.cpu_allreduce == "auto")
         if train.sync_batchnorm and env.world_size > 1:
             # Before DDP wrapping: DDP must see the final modules.
             generator = convert_sync_batchnorm(generator, env.device)
@@ -197,9 +199,7 @@ class TrainLoop:
         self.generator = hooks.wrap_model(generator)
         self.discriminator = hooks.wrap_model(discriminator)
         if env.device.type == "cpu" and env.world_size > 1:
-            # Ranks on one machine average gradients through shared memory, not gloo's TCP.
-            register_ddp_hook(self.generator)
-            register_ddp_hook(self.discriminator)
+            self._choose_cpu_allreduce(train.cpu_allreduce)
         self.fixed_noise = self.fixed_noise.to(env.device)
 
         betas = (train.beta1, train.beta2)
@@ -260,6 +260,17 @@ class TrainLoop:
                 "checkpoint has %s ranks, this run %s: noise streams restart from the seed",
                 state["world_size"], self.env.world_size,
             )
+
+    def _choose_cpu_allreduce(self, setting: str) -> None:
+        """Ranks on one x86 machine average gradients (and SyncBN statistics) through shared
+        memory, not gloo's TCP (`train.cpu_allreduce=auto`); `gloo` keeps gloo throughout."""
+        shared = [register_ddp_hook(model) for model in (self.generator, self.discriminator)]
+        if self.env.rank == 0:
+            how = ("shared memory (train.cpu_allreduce=auto: the ranks share this machine)"
+                   if all(shared) else
+                   "gloo (train.cpu_allreduce=gloo)" if setting == "gloo" else
+                   "gloo (train.cpu_allreduce=auto: ranks on several machines, or not x86-64)")
+            logger.info("CPU all-reduce: %s", how)
 
     def _init_augment(self) -> None:
         """The augmentation of what D sees (`augment.py`): its ops, p (a device tensor, so the
