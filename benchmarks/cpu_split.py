@@ -31,6 +31,7 @@ from benchmarks.plain_loop import PlainDCGAN, random_batches
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config
 from pipeline.train import loop as training
+from pipeline.train.collectives import no_forward_buffer_sync
 from pipeline.train.shm_allreduce import register_ddp_hook, use_shared_memory
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
@@ -73,7 +74,7 @@ class _DdpHooks:
     """`training.LoopHooks` on a plain gloo group: DDP, nothing persisted or logged."""
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
 
     def before_step(self, step: int) -> None:
         pass
@@ -101,13 +102,13 @@ def _rank(rank: int, world_size: int, side: str, global_batch: int, ngf: int,
     wrap = None
     if side == "ddp_2x1":
         def wrap(model):
-            return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+            return torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
     elif side in ("ddp_syncbn_gloo", "ddp_syncbn_2x1"):
         use_shared_memory(side == "ddp_syncbn_2x1")
 
         def wrap(model):
             model = convert_sync_batchnorm(model, torch.device("cpu"))
-            ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
             register_ddp_hook(ddp)
             return ddp
     plain = PlainDCGAN(cfg, wrap=wrap)

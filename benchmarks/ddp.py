@@ -41,6 +41,7 @@ from devtools.gloo import run_gloo_ranks
 from pipeline.core.layout import Layout
 from pipeline.train import ray_runner
 from pipeline.train import stage as train_stage
+from pipeline.train.collectives import no_forward_buffer_sync
 from pipeline.train.shm_allreduce import register_ddp_hook
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
@@ -76,7 +77,7 @@ def _plain_ddp_rank(rank: int, world_size: int, global_batch: int, steps: int) -
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         model = convert_sync_batchnorm(model, torch.device("cpu"))
-        ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
         register_ddp_hook(ddp)
         return ddp
 

@@ -47,6 +47,7 @@ from pipeline.data.pixels import to_signed
 from pipeline.data.reader import shard_urls
 from pipeline.train import captured
 from pipeline.train import loop as training
+from pipeline.train.collectives import no_forward_buffer_sync
 from pipeline.train.sync_bn import convert_sync_batchnorm
 
 DEVICE = torch.device("cuda", 0)
@@ -69,9 +70,8 @@ class GpuHooks(LocalHooks):
         model = model.to(DEVICE, memory_format=torch.channels_last)
         if not self.ddp:
             return model
-        # broadcast_buffers=False: the name torch < 2.13 knows (2.13: forward_sync_buffers).
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[DEVICE.index], broadcast_buffers=False, **self.ddp_kwargs
+            model, device_ids=[DEVICE.index], **no_forward_buffer_sync(), **self.ddp_kwargs
         )
 
 

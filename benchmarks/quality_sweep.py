@@ -74,14 +74,30 @@ class Sweep(training.TrainLoop):
     """The product's loop, measuring the last weights and several averages each epoch."""
 
     def __init__(self, *args: Any, averages: dict[str, tuple[int, float]], probe: QualityProbe,
-                 name: str, **kwargs: Any) -> None:
+                 name: str, d_norm: str = "batch", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if d_norm == "spectral":
+            self._spectral_discriminator()
         self.sweep_probe, self.name = probe, name
         self.averages = {label: RampedEma(training.unwrap(self.generator), half_life,
                                           self.global_batch, rampup)
                          for label, (half_life, rampup) in averages.items()}
         self.rows: list[dict[str, Any]] = []
         self.started, self.probe_s = time.perf_counter(), 0.0
+
+    def _spectral_discriminator(self) -> None:
+        """An experiment: D with spectral normalisation instead of BatchNorm (SNGAN)."""
+        discriminator = training.unwrap(self.discriminator)
+        for parent in discriminator.modules():
+            for child_name, child in parent.named_children():
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(parent, child_name, torch.nn.Identity())
+                elif isinstance(child, (torch.nn.Conv2d, torch.nn.Linear)):
+                    setattr(parent, child_name,
+                            torch.nn.utils.parametrizations.spectral_norm(child))
+        train = self.cfg.train
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=train.lr_d,
+                                      betas=(train.beta1, train.beta2))
 
     def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
         super()._step(real, noise)
@@ -112,6 +128,8 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[])
     parser.add_argument("--averages", default="10000:0.05,20000:0.2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--d-norm", choices=("batch", "spectral"), default="batch",
+                        help="an experiment: spectral normalisation in D instead of BatchNorm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layout = Layout(REPO_ROOT)
@@ -126,7 +144,7 @@ def main() -> None:
                 for spec in args.averages.split(",")}
     env = training.LoopEnv(0, 1, torch.device("cpu"), steps)
     sweep = Sweep(cfg, env, SilentHooks(), averages=averages, name=args.name,
-                  probe=QualityProbe(reference, torch.device("cpu")))
+                  probe=QualityProbe(reference, torch.device("cpu")), d_norm=args.d_norm)
     sweep.run(training_batches(
         shard_urls("train", layout.shards(cfg.train.shards)), cache="host",
         split_shape=(train_count, stats.channels, stats.image_size, stats.image_size),

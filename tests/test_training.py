@@ -23,6 +23,7 @@ from pipeline.core.layout import Layout
 from pipeline.models.dcgan import Generator, GeneratorSpec, build_generator
 from pipeline.train import checkpoints, shm_allreduce
 from pipeline.train import loop as training
+from pipeline.train.collectives import no_forward_buffer_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.nz=16", "model.ngf=8", "model.ndf=8", "train.log_every_steps=10",
@@ -45,7 +46,7 @@ class LocalHooks:
     def wrap_model(self, model):
         if self.world_size == 1:
             return model
-        return torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
 
     def before_step(self, step):
         pass
@@ -387,3 +388,17 @@ def test_auto_workers_follow_the_nodes_and_keep_explicit_values():
     assert (resolved.num_workers, resolved.cpus_per_worker) == (3, 1)  # 3 ranks share 2 CPUs
     with pytest.raises(UserError, match="no node with a GPU"):
         resolve_workers(tiny_config(**{"train.use_gpu": "true"}).train, one_box)
+
+
+def test_the_ddp_buffer_keyword_is_the_one_the_installed_torch_knows():
+    """torch 2.13 renamed DDP's `broadcast_buffers` to `forward_sync_buffers`; passing the new
+    name to an older torch is a TypeError on every rank (the GPU machine has 2.11)."""
+    from pipeline.train.collectives import no_forward_buffer_sync
+
+    class OlderDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    assert no_forward_buffer_sync(OlderDDP) == {"broadcast_buffers": False}
+    OlderDDP(torch.nn.Linear(1, 1), **no_forward_buffer_sync(OlderDDP))
+    assert no_forward_buffer_sync() == {"forward_sync_buffers": False}  # the pinned 2.13

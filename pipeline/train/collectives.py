@@ -1,9 +1,25 @@
-"""The collectives the training code needs beyond DDP's, in one place."""
+"""The collectives the training code needs beyond DDP's, and DDP's options, in one place."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[str, bool]:
+    """The DDP keyword that stops the buffer broadcast before every forward (with several D
+    forwards per backward that in-place broadcast breaks autograd, pytorch#22095; SyncBatchNorm
+    keeps running statistics equal anyway): `forward_sync_buffers=False` from torch 2.13,
+    which still syncs buffers once at init; `broadcast_buffers=False` before it, which does
+    not, harmlessly, since every rank builds its buffers from the same seed. One answer for
+    the Ray workers, the benchmarks and the tests."""
+    known = inspect.signature(ddp_class.__init__).parameters
+    if "forward_sync_buffers" in known:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
 from pipeline.metrics.probe import QualityProbe
 from pipeline.train import checkpoints, mlflow_run, resume
-from pipeline.train.collectives import all_gather_hex
+from pipeline.train.collectives import all_gather_hex, no_forward_buffer_sync
 from pipeline.train.connect import connect_ray, job_logs_command
 from pipeline.train.loop import LoopEnv, TrainLoop
 from pipeline.train.preflight import (
@@ -75,11 +75,7 @@ class RayHooks:
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from ray.train.torch import prepare_model
 
-        # Buffers are not re-broadcast before each forward: with several D forwards per
-        # backward that in-place broadcast breaks autograd (pytorch#22095), and SyncBatchNorm
-        # keeps the running statistics equal anyway. `forward_sync_buffers=False` (torch 2.13's
-        # name) still syncs buffers once at init, which we want: all ranks start equal.
-        return prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+        return prepare_model(model, parallel_strategy_kwargs=no_forward_buffer_sync())
 
     def before_step(self, step: int) -> None:
         fault = self.plan.fault
