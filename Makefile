@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test test-fast lint bench cluster-up cluster-down
+.PHONY: venv repro test test-fast lint bench gpu-wheels cluster-up cluster-down
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
@@ -34,6 +34,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.run_all
+
+# The wheels `bash benchmarks/gpu.sh [--tests]` needs beyond torch and numpy (a GPU machine with
+# only those), at this repository's pins, for the GPU machine's Python: into .whl/, which
+# gpu.sh installs with `pip --target` (tests/test_architecture.py checks that the GPU test and
+# benchmark import with no more than these).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := pillow|pyyaml|fsspec|tqdm|webdataset|braceexpand|pytest|pytest-timeout|pluggy|iniconfig|packaging|pygments
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(grep -iE '^($(GPU_WHEELS))==' constraints.txt)
+	ls .whl
 
 # A Ray cluster on this host (README, "Running on a Ray cluster"): a head and NODES-1 workers,
 # token authentication; its token, cluster.env and logs in .ray_cluster/. cluster-down stops

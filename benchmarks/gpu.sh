@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# GPU benchmark for an NVIDIA machine that has PyTorch (+ numpy, pillow, pyyaml, fsspec, tqdm,
-# pandas, pyarrow, as PyTorch images usually do) but not this project's other wheels.
-#
-# Carry the missing pure-Python wheels from a machine with PyPI access, in the repo root:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
-#       webdataset==1.0.2 braceexpand==0.1.7
-# (for `--tests`, also pytest and its pure-Python dependencies: pluggy, iniconfig, packaging)
-# (any other missing package the same way; binary ones need --python-version/--platform of the
-# GPU machine). Copy the repo with .whl/ to the GPU machine and run, from the repo root:
+# GPU benchmark for an NVIDIA machine that has PyTorch and numpy but none of this project's
+# other packages. On a machine with PyPI access, in the repo root, build the wheelhouse:
+#   make gpu-wheels          # [GPU_PYTHON=3.12]: the GPU machine's Python version
+# (pillow, pyyaml, fsspec, tqdm, webdataset, braceexpand and, for --tests, pytest and its
+# dependencies, at this repository's pins, into .whl/). Copy the repo with .whl/ to the GPU
+# machine and run, from the repo root:
 #   bash benchmarks/gpu.sh [--steps 200 --repeats 3 --batch-size 128 --output gpu.json]
 #       [--cache-images 200000]      # also time the decoded-cache build for 200,000 images
 #   bash benchmarks/gpu.sh --tests [...]   # first tests/test_gpu.py (captured step, resume)
 # The wheels are installed with `pip --target` into a private directory put on PYTHONPATH:
-# nothing in the machine's Python is changed. No Ray, MLflow or DVC is needed.
+# nothing in the machine's Python is changed. No Ray, MLflow, DVC or torchmetrics is needed;
+# the tests need no webdataset either (tests/test_architecture.py checks the imports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,10 +24,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 "$PYTHON" - <<'PY'
 import importlib, sys
-missing = [m for m in ("torch", "numpy", "PIL", "yaml", "fsspec", "tqdm", "pandas", "pyarrow",
-                       "webdataset", "braceexpand") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "numpy", "PIL", "yaml", "fsspec", "tqdm", "webdataset",
+                       "braceexpand")
+           if importlib.util.find_spec(m) is None]
 if missing:
-    sys.exit(f"gpu.sh: missing Python packages {missing}: carry them as wheels in .whl/")
+    sys.exit(f"gpu.sh: missing Python packages {missing}: `make gpu-wheels` builds .whl/")
 import torch
 if not torch.cuda.is_available():
     sys.exit("gpu.sh: no CUDA GPU visible to torch")

@@ -151,7 +151,8 @@ def default_run(backend_store_uri: str, record: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Screenshot one run's page; exit status 0 (all found), 1 (missing), 2 (no Chromium)."""
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The docstring's first paragraph: its first line alone stops mid-sentence.
+    cli = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     cli.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     cli.add_argument("--run", default="", help="run id (default: reports/train_run.json's)")
     cli.add_argument("--tab", choices=sorted(EXPECTED), default="model-metrics")

@@ -99,3 +99,29 @@ def test_each_package_docstring_names_its_modules(package):
     modules = sorted(path.stem for path in (PACKAGE / package).glob("*.py")
                      if path.stem != "__init__")
     assert [name for name in modules if f"`{name}`" not in doc] == []
+
+
+GPU_MACHINE_LACKS = ("webdataset", "braceexpand", "torchmetrics", "ray", "mlflow", "dvc",
+                     "pandas", "pyarrow")
+
+
+def test_the_gpu_benchmark_and_tests_import_with_torch_and_the_gpu_wheelhouse():
+    """`benchmarks/gpu.sh` runs on a machine with torch and numpy plus `make gpu-wheels`
+    (pillow, pyyaml, fsspec, tqdm, pytest): what it imports must not need anything else."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import importlib.abc, sys\n"
+        f"LACKS = {GPU_MACHINE_LACKS!r}\n"
+        "class Lacks(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in LACKS:\n"
+        "            raise ImportError(f'{name} is not on the GPU machine')\n"
+        "sys.meta_path.insert(0, Lacks())\n"
+        "sys.path[:0] = ['.', 'tests']\n"
+        "import conftest, test_gpu, benchmarks.gpu\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -212,3 +212,24 @@ def test_a_checkpoint_of_a_captured_run_resumes_eagerly_on_a_cpu():
     assert resumed.run(source).steps == 2 * STEPS
     assert training.param_sha256(resumed.generator, resumed.discriminator) == training.param_sha256(
         straight.generator, straight.discriminator)
+
+
+def test_a_checkpoint_with_cuda_random_streams_resumes_on_a_cpu_with_one_line(caplog):
+    """A GPU run's noise and augmentation generators are CUDA (Philox) generators, whose
+    16-byte states a CPU generator cannot take: the resume keeps weights, optimizers and
+    progress, restarts those two streams from the seed and says so once."""
+    cfg = tiny_config("train.epochs=2")
+    first = new_loop(tiny_config("train.epochs=1"))
+    first.run(source)
+    state = first.snapshot(first._gather_rng())
+    # What torch.Generator("cuda").get_state() holds: seed and offset, 8 bytes each.
+    philox = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    state["rng"]["noise"] = philox.unsqueeze(0)
+    state["rng"]["augment"] = philox.unsqueeze(0)
+    with caplog.at_level("WARNING", logger="pipeline.train.loop"):
+        resumed = new_loop(cfg, state)
+    assert [r.message for r in caplog.records if "restart from the seed" in r.message] == [
+        "checkpoint's random streams are of another device type than this run's cpu: noise "
+        "and augmentation streams restart from the seed"]
+    assert resumed.step == STEPS
+    assert resumed.run(source).steps == 2 * STEPS

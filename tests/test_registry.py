@@ -195,6 +195,8 @@ def test_promote_moves_champion_only_for_better_and_records_decisions(mlflow_ser
     v1 = register(11, fid=10.0)
     promote()  # nobody holds champion: the candidate takes it
     assert client.get_model_version_by_alias(name, "champion").version == v1
+    summary = client.get_model_version(name, v1).tags["champion.summary"]
+    assert summary.startswith(f"version {v1} took 'champion': ")
     assert _decision(client, name, v1)["previous_version"] is None
 
     v2 = register(12, fid=5.0)

@@ -102,7 +102,10 @@ def test_a_run_is_named_by_what_differs_from_the_committed_params(committed_repo
     params = committed_repo / "params.yaml"
 
     same = mlflow_run.identity(load_config(params), layout, "dcgan-20261130-ray")
-    assert same.name == "dcgan-20261130-ray"  # nothing differs: the Ray run name
+    # Nothing differs: the commit's baseline, named by its commit (the Ray run name is a tag).
+    head = _git(committed_repo, "rev-parse", "HEAD")
+    assert same.name == f"baseline @ {head[:7]}"
+    assert same.tags["ray_run_name"] == "dcgan-20261130-ray"
     # Few parameters: the UI prints them all above a run's sample grid.
     assert len(same.params) <= 12 and same.params["train.lr_g"] == 0.002
 

@@ -166,7 +166,7 @@ class CachedBatches:
 
     def _indices(self, batch: int, order: torch.Tensor) -> torch.Tensor:
         start = batch * self.global_batch + self.rank * self.batch_size
-        return order[start : start + self.batch_size].to(self.gather_on)
+        return order[start : start + self.batch_size]
 
     def _fetch(self, index: torch.Tensor) -> Batch:
         images = self.pixels.index_select(0, index)
@@ -178,7 +178,9 @@ class CachedBatches:
     def __call__(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         if not 0 <= skip_batches <= self.num_batches:
             raise UserError(f"skip_batches {skip_batches} is outside 0..{self.num_batches}")
-        order = epoch_permutation(self.num_samples, self.seed, epoch)
+        # The epoch's order where the gather runs, once per epoch: a per-batch copy of its
+        # slice from pageable host memory would make CUDA sync the host every step.
+        order = epoch_permutation(self.num_samples, self.seed, epoch).to(self.gather_on)
         pending = None
         for batch in range(skip_batches, self.num_batches):
             ahead = self._fetch(self._indices(batch, order))  # its copy starts now

@@ -31,7 +31,6 @@ from typing import IO
 
 import fsspec
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from pipeline.core.errors import UserError
@@ -225,6 +224,10 @@ def read_shard(url: str, seen: Counter[str] | None = None) -> Iterator[dict]:
     """Yield {"__key__", "__url__", "png", ["cls"]} samples of one shard, streamed; a bad shard
     is one `UserError` naming it. Samples are grouped by webdataset's own rule (key = name up
     to the first dot). `seen` counts every regular member's suffix (see `tar_members`)."""
+    # Imported here: the GPU benchmark and tests import this module but read no shards, and
+    # the GPU machine has no webdataset.
+    import webdataset as wds
+
     try:
         with fsspec.open(url, "rb") as stream:
             yield from wds.tariterators.group_by_keys(tar_members(_Blocks(stream), url, seen))

@@ -2,7 +2,9 @@
 
 FID and KID are computed by torchmetrics (a maintained implementation, no hand-written matrix
 square roots) on features that `pipeline.features` extracted once: the metric is given an
-identity "feature network", so cached real features can be reused across runs.
+identity "feature network", so cached real features can be reused across runs. torchmetrics
+is imported where a distance is computed: the training loop imports this module (through the
+quality probe) on GPU machines that have only torch.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 KID_SUBSETS = 100  # as in the KID paper (Binkowski et al. 2018) and torch-fidelity
 # A class counts as "hit" when it gets at least this share of its fair share (N / classes):
@@ -47,6 +47,8 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor, minimum: int) -> None:
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets (float64)."""
     _check_pair(real, fake, 2)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), **LOCAL_ONLY)
     metric.set_dtype(torch.float64)
     metric.update(real.double(), real=True)
@@ -61,6 +63,8 @@ def kernel_distance(
     """KID (mean, std over `subsets` random subsets of `subset_size`), seeded: the subsets are
     drawn from torch's global RNG, so it is forked and seeded here to leave callers' alone."""
     _check_pair(real, fake, subset_size)
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "saves all features in a buffer": intended
         metric = KernelInceptionDistance(

@@ -1,7 +1,8 @@
 """Promotion: move an alias (`champion`) to a version only when it beats the holder on the same
 metric, computed with the same feature extractor, N and dataset; rollbacks follow the same rule.
-Every decision is recorded as the JSON tag `<alias>.decision` on the version and
-`<alias>.last_decision` on the registered model."""
+Every decision is recorded as the JSON tag `<alias>.decision` on the version (beside it
+`<alias>.summary`, the same in one sentence) and `<alias>.last_decision` on the registered
+model."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ class Decision:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def summary(self) -> str:
+        """The decision as a person reads it in the UI's tag list (the JSON beside it is for
+        programs)."""
+        verdict = ("forced to" if self.forced else "took") if self.promoted else "did not take"
+        return f"version {self.version} {verdict} {self.alias!r}: {self.reason} ({self.time})"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -124,6 +131,9 @@ def _default_version(client: MlflowClient, name: str, source_alias: str) -> Mode
 def _record(client: MlflowClient, decision: Decision) -> None:
     client.set_model_version_tag(
         decision.name, decision.version, f"{decision.alias}.decision", decision.to_json()
+    )
+    client.set_model_version_tag(
+        decision.name, decision.version, f"{decision.alias}.summary", decision.summary()
     )
     client.set_registered_model_tag(
         decision.name, f"{decision.alias}.last_decision", decision.to_json()

@@ -115,6 +115,12 @@ def restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generato
     )
 
 
+def rng_fits(states: dict[str, torch.Tensor], noise_generator: torch.Generator) -> bool:
+    """Whether `states` (one rank's, from `capture_rng`) can be set on generators of
+    `noise_generator`'s device: a CPU state is 5,056 bytes, a CUDA one 16."""
+    return states["noise"].numel() == noise_generator.get_state().numel()
+
+
 def stack_ranks(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """[{key: tensor} per rank] -> {key: tensor (world_size, ...)} for the checkpoint."""
     return {key: torch.stack([states[key] for states in per_rank]) for key in per_rank[0]}

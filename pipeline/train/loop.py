@@ -252,14 +252,20 @@ class TrainLoop:
         saved_augment = state["augment"]
         self.augment_p.copy_(saved_augment["p"])
         self.ada_sums.copy_(saved_augment["ada_sums"])
-        if int(state["world_size"]) == self.env.world_size:
-            own = checkpoints.rank_row(state["rng"], self.env.rank)
-            checkpoints.restore_rng(own, self.noise_rng, self.augment_rng)
+        # Weights, optimizers and progress resume in any case; the random streams only where
+        # they can: same ranks, and states of this device type (CPU Mersenne Twister vs CUDA
+        # Philox states do not convert).
+        if int(state["world_size"]) != self.env.world_size:
+            why = f"checkpoint has {state['world_size']} ranks, this run {self.env.world_size}"
         else:
-            logger.warning(
-                "checkpoint has %s ranks, this run %s: noise streams restart from the seed",
-                state["world_size"], self.env.world_size,
-            )
+            own = checkpoints.rank_row(state["rng"], self.env.rank)
+            if checkpoints.rng_fits(own, self.noise_rng):
+                checkpoints.restore_rng(own, self.noise_rng, self.augment_rng)
+                return
+            why = (f"checkpoint's random streams are of another device type than this run's "
+                   f"{self.env.device.type}")
+        if self.env.rank == 0:
+            logger.warning("%s: noise and augmentation streams restart from the seed", why)
 
     def _choose_cpu_allreduce(self, setting: str) -> None:
         """Ranks on one x86 machine average gradients (and SyncBN statistics) through shared

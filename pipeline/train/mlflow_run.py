@@ -133,8 +133,11 @@ def identity(cfg: Config, layout: Layout, ray_run_name: str,
         tags.update(experiment.tags())
     if DatasetStats.exists(layout):
         tags[TAG_DATASET_SHA] = DatasetStats.load(layout).dataset_sha256
-    return RunIdentity(run_name(changes, experiment, ray_run_name), run_params(cfg, changes),
-                       tags)
+    # A run of the committed params is that commit's baseline: say so, not the Ray run's id
+    # (which stays in the tag ray_run_name).
+    commit = tags.get(provenance.TAG_GIT_COMMIT, "")
+    baseline = f"baseline @ {commit[:7]}" if commit else "baseline"
+    return RunIdentity(run_name(changes, experiment, baseline), run_params(cfg, changes), tags)
 
 
 def config_yaml(cfg: Config) -> str:
