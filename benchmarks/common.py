@@ -167,7 +167,7 @@ def make_shards(root: Path, source: str, image_size: int, channels: int,
                 num_processes: int = 1) -> dict[str, Any]:
     """Run the product's `prepare` on `source` into `root` (data/shards, stats); its stats."""
     from pipeline.core.layout import Layout
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     cfg = DataConfig(source=source, image_size=image_size, channels=channels,
                      num_processes=num_processes)

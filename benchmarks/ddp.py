@@ -4,7 +4,7 @@ All sides train the same global batch (2 x train.batch_size) for the same number
   plain_1x2     `PlainDCGAN`, one process, 2 torch threads (the reference)
   gloo_2x1      the plain loop in 2 gloo processes, DDP + the product's CPU SyncBatchNorm and
                 its shared-memory all-reduces: what DDP itself costs, without Ray
-  ray_2x1       the product: `pipeline.train.stage.train`, num_workers=2, cpus_per_worker=1
+  ray_2x1       the product: `pipeline.train.train.run`, num_workers=2, cpus_per_worker=1
   ray_1x2       the product: num_workers=1, cpus_per_worker=2
 Product runs are real stage runs (Ray Train, DDP, shards from `prepare`, MLflow on SQLite,
 checkpoints, grids); their images/s is the steady state from the train log (every log window
@@ -40,7 +40,7 @@ from benchmarks.plain_loop import PlainDCGAN, random_batches
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.layout import Layout
 from pipeline.train import ray_runner
-from pipeline.train import stage as train_stage
+from pipeline.train import train as train_stage
 from pipeline.train.collectives import no_forward_buffer_sync
 from pipeline.train.shm_allreduce import register_ddp_hook
 from pipeline.train.sync_bn import convert_sync_batchnorm
@@ -99,7 +99,7 @@ def ray_run(args: argparse.Namespace, num_workers: int, root: Path) -> dict[str,
     """One real train-stage run; steady images/s, its steps' time and its fixed overhead."""
     cfg = bench_config(32, 1, _overrides(args, num_workers, root))
     started = time.perf_counter()
-    record = train_stage.train(cfg, Layout(root)).to_dict()
+    record = train_stage.run(cfg, Layout(root)).to_dict()
     wall_s = time.perf_counter() - started
     with (root / "reports" / "train_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))

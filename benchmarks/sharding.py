@@ -40,7 +40,7 @@ import json, sys, time
 from pathlib import Path
 from pipeline.core.config import DataConfig
 from pipeline.core.layout import Layout
-from pipeline.data.shards import prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 cfg = DataConfig(source=sys.argv[1], image_size=32, channels=1, num_processes=int(sys.argv[3]))
 started = time.perf_counter()
 stats = prepare_dataset(cfg, Layout(sys.argv[2])).to_dict()

@@ -8,12 +8,12 @@ Usage: python stages/classifier.py [-S classifier.epochs=6]
 """
 
 from pipeline.cli.stage import parse_stage_config, run_stage
-from pipeline.evaluate.classifier import train_classifier
+from pipeline.evaluate import classifier
 
 
 def main() -> None:
     cfg, layout = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: train_classifier(cfg, layout))
+    run_stage(lambda: classifier.run(cfg, layout))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ Usage: python stages/evaluate.py [-S eval.num_samples=1000] [-S eval.feature_ext
 """
 
 from pipeline.cli.stage import parse_stage_config, run_stage
-from pipeline.evaluate.evaluation import evaluate
+from pipeline.evaluate import evaluate
 
 
 def main() -> None:
     cfg, layout = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: evaluate(cfg, layout))
+    run_stage(lambda: evaluate.run(cfg, layout))
 
 
 if __name__ == "__main__":

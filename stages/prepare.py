@@ -6,12 +6,12 @@ Usage: python stages/prepare.py [-S data.source=path/to/images] [-S data.image_s
 """
 
 from pipeline.cli.stage import parse_stage_config, run_stage
-from pipeline.data.shards import prepare_dataset
+from pipeline.data import prepare
 
 
 def main() -> None:
     cfg, layout = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: prepare_dataset(cfg.data, layout))
+    run_stage(lambda: prepare.run(cfg, layout))
 
 
 # The guard matters: the decode pool uses spawn, which re-imports this file.

@@ -8,15 +8,12 @@ Usage: python stages/register.py [-S register.model_name=my-gan] [-S mlflow.trac
 """
 
 from pipeline.cli.stage import parse_stage_config, run_stage
-from pipeline.core.tracking import resolve_tracking_uri
-from pipeline.registry.register import register_generator
+from pipeline.registry import register
 
 
 def main() -> None:
     cfg, layout = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: print(
-        register_generator(cfg, layout, resolve_tracking_uri(cfg.mlflow, layout.root))
-    ))
+    run_stage(lambda: print(register.run(cfg, layout)))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ Usage: python stages/train.py [-S train.epochs=2] [-S train.num_workers=1]
 """
 
 from pipeline.cli.stage import parse_stage_config, run_stage
-from pipeline.train.stage import train
+from pipeline.train import train
 
 
 def main() -> None:
     cfg, layout = parse_stage_config(__doc__.splitlines()[0])
-    run_stage(lambda: train(cfg, layout))
+    run_stage(lambda: train.run(cfg, layout))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,22 @@ def test_the_gpu_benchmark_and_tests_import_with_torch_and_the_gpu_wheelhouse():
     result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_each_stage_runs_run_of_the_module_named_after_it():
+    """A stage name leads to its code: `stages/X.py` calls `run(cfg, layout)` of
+    `pipeline/<package>/X.py`, and that function exists there."""
+    import yaml
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
+        shell = ast.parse((REPO_ROOT / "stages" / f"{stage}.py").read_text())
+        imported = {(node.module, alias.name) for node in ast.walk(shell)
+                    if isinstance(node, ast.ImportFrom) for alias in node.names}
+        [package] = [module.split(".")[1] for module, name in imported
+                     if name == stage and module.startswith("pipeline.")]
+        module = ast.parse((PACKAGE / package / f"{stage}.py").read_text())
+        runs = [node for node in module.body
+                if isinstance(node, ast.FunctionDef) and node.name == "run"]
+        assert [arg.arg for arg in runs[0].args.args] == ["cfg", "layout"], stage
+        assert f"{stage}.run(cfg, layout)" in ast.unparse(shell), stage

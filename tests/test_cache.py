@@ -20,8 +20,8 @@ from pipeline.data.cache import (
 )
 from pipeline.data.images import encode_png
 from pipeline.data.loader import EpochLoader
+from pipeline.data.prepare import sample_key, write_shard
 from pipeline.data.reader import shard_urls
-from pipeline.data.shards import sample_key, write_shard
 
 SIDE_PX = 8
 CPU = torch.device("cpu")

@@ -19,8 +19,8 @@ from pipeline.core.records import DatasetStats
 from pipeline.data.images import encode_png
 from pipeline.data.loader import EpochLoader, check_plan, iter_split, steps_per_epoch, train_batches
 from pipeline.data.pixels import to_signed
+from pipeline.data.prepare import sample_key, write_shard
 from pipeline.data.reader import read_shard, shard_urls
-from pipeline.data.shards import sample_key, write_shard
 
 SIDE_PX = 8
 

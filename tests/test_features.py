@@ -60,7 +60,7 @@ def test_classifier_stage_skips_unlabelled_data_and_says_why(tmp_path):
     dataset_stats(labelled=False, num_classes=None).save(layout)
     layout.classifier_dir.mkdir(parents=True)
     layout.classifier_weights.write_bytes(b"stale")
-    record = classifier.train_classifier(Config(), layout)
+    record = classifier.run(Config(), layout)
     assert ClassifierRecord.load(layout) == record
     assert record.skipped is True and "no labels" in record.reason
     assert not layout.classifier_weights.exists()

@@ -22,7 +22,7 @@ from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
 from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.registry.import_run import import_run
-from pipeline.train.stage import keep_outputs
+from pipeline.train.train import keep_outputs
 
 # What the job's `-S` overrides changed against params.yaml: one hyperparameter, the server,
 # and where the cluster found its shards.

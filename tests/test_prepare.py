@@ -21,8 +21,8 @@ from PIL import Image
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
+from pipeline.data.prepare import prepare_dataset, split_assignments
 from pipeline.data.reader import read_shard
-from pipeline.data.shards import prepare_dataset, split_assignments
 
 IMAGE_SIZE = 16
 

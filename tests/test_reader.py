@@ -27,8 +27,8 @@ from pipeline.core.errors import UserError
 from pipeline.data import reader
 from pipeline.data.images import encode_png
 from pipeline.data.loader import train_batches
+from pipeline.data.prepare import sample_key, write_shard
 from pipeline.data.reader import decode_sample, read_shard
-from pipeline.data.shards import sample_key, write_shard
 
 TIME_BOUND_S = 5
 # CI: a few hundred fixed examples per property; `benchmarks.fuzz_reader` raises and randomizes.

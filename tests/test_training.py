@@ -179,8 +179,8 @@ def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "",
               classifier_from: Path | None = None) -> dict:
     """The train stage in `out`; with the domain classifier of `classifier_from` (a repo where
     the classifier stage ran), quality is measured while training."""
+    from pipeline.train import train
     from pipeline.train.faults import FAULT_ENV
-    from pipeline.train.stage import train
 
     layout = layout_with_stats(mnist_shards, out)
     if classifier_from is not None:
@@ -188,7 +188,7 @@ def run_stage(cfg: Config, mnist_shards: Path, out: Path, fault: str = "",
     if fault:
         os.environ[FAULT_ENV] = fault
     try:
-        return train(cfg, layout).to_dict()
+        return train.run(cfg, layout).to_dict()
     finally:
         os.environ.pop(FAULT_ENV, None)
 
@@ -326,12 +326,12 @@ def test_missing_shards_fail_in_one_line_before_ray(tmp_path):
 
 
 def test_too_many_cpus_per_worker_fail_before_any_worker(ray_cluster, mnist_shards, tmp_path):
-    from pipeline.train.stage import train
+    from pipeline.train import train
 
     cfg = ray_config(mnist_shards, tmp_path, **{"train.num_workers": 2,
                                                 "train.cpus_per_worker": 64})
     with pytest.raises(UserError, match="Ray has 4 CPUs, train needs 128"):
-        train(cfg, layout_with_stats(mnist_shards, tmp_path))
+        train.run(cfg, layout_with_stats(mnist_shards, tmp_path))
     assert not (tmp_path / "ray_storage").exists()
 
 

@@ -119,7 +119,7 @@ def _import_run(args: argparse.Namespace, tracking_uri: str) -> None:
 
 def _sync_run(args: argparse.Namespace, tracking_uri: str) -> None:
     from pipeline.core.layout import Layout
-    from pipeline.train.stage import sync_run
+    from pipeline.train.train import sync_run
 
     layout = Layout(Path(args.params).resolve().parent)
     print(sync_run(_params(args), layout, tracking_uri, args.run_id))

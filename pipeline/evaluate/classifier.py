@@ -154,7 +154,7 @@ def skip_reason(stats: DatasetStats) -> str | None:
     return None
 
 
-def train_classifier(cfg: Config, layout: Layout) -> ClassifierRecord:
+def run(cfg: Config, layout: Layout) -> ClassifierRecord:
     """The `classifier` stage: train on the labelled train shards, check on val (at least
     `classifier.min_val_accuracy`), save under models/classifier. Unlabelled data: only the
     record, saying why nothing was trained."""

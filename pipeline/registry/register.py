@@ -27,7 +27,7 @@ from pipeline.core.records import (
     RegistryRecord,
     TrainRun,
 )
-from pipeline.core.tracking import TAG_DESCRIPTION, check_reachable
+from pipeline.core.tracking import TAG_DESCRIPTION, check_reachable, resolve_tracking_uri
 from pipeline.models.dcgan import GeneratorSpec
 from pipeline.registry.package import find_version_by_weights, log_generator_model
 from pipeline.registry.tags import LEGACY_TAG_PREFIXES, version_tags
@@ -116,6 +116,12 @@ def _describe_model(client: MlflowClient, name: str) -> None:
     """Give the registered model its description, unless someone already wrote one."""
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=MODEL_DESCRIPTION)
+
+
+def run(cfg: Config, layout: Layout) -> Registration:
+    """The `register` stage (`stages/register.py`): `register_generator` into the store of
+    `mlflow.tracking_uri`."""
+    return register_generator(cfg, layout, resolve_tracking_uri(cfg.mlflow, layout.root))
 
 
 def register_generator(cfg: Config, layout: Layout, tracking_uri: str) -> Registration:

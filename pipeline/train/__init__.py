@@ -1,6 +1,6 @@
 """Distributed DCGAN training.
 
-`stage`: the `train` stage (preflight, the MLflow run, the Ray Train run, the outputs).
+`train`: the `train` stage (preflight, the MLflow run, the Ray Train run, the outputs).
 `preflight`: the checks that need no worker. `resume`: which interrupted run a stage
 continues. `connect`: joining a Ray cluster as the driver. `ray_runner`: the one module that
 calls `ray.train`. `loop`: one rank's training loop (pure torch). `captured`: the step as one

@@ -30,7 +30,7 @@ from pipeline.train.mlflow_run import TAG_RAY_RUN_NAME
 logger = logging.getLogger(__name__)
 
 TAG_IDENTITY = "train_identity"
-STAGE_MODULE = "pipeline/train/stage.py"  # what the train stage runs (stages/train.py calls it)
+STAGE_MODULE = "pipeline/train/train.py"  # what the train stage runs (stages/train.py calls it)
 # Keys of the train stage's params that change nothing it produces.
 NOT_IDENTITY = frozenset({"train.storage_path", "train.shards", "train.max_failures",
                           "train.resume"})

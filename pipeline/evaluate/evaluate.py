@@ -185,7 +185,7 @@ def _features_of(images: torch.Tensor, extractor: features.FeatureExtractor, bat
     return found
 
 
-def evaluate(cfg: Config, layout: Layout) -> Evaluation:
+def run(cfg: Config, layout: Layout) -> Evaluation:
     """Measure the trained generator; write reports/evaluation.json, its metrics and the three
     grids; log it all to the training's MLflow run. Returns the record written."""
     # Everything a user can get wrong is checked first, before any image is generated.

@@ -143,7 +143,7 @@ def finish_tracking(tracking_uri: str, run_id: str, layout: Layout, spill: Path,
     )
 
 
-def train(cfg: Config, layout: Layout) -> TrainRun:
+def run(cfg: Config, layout: Layout) -> TrainRun:
     """The train stage: preflight, Ray Train run (an interrupted one of the same identity
     continues: `pipeline.train.resume`), outputs; returns the train_run record."""
     inputs = check_inputs(cfg, layout)  # the cheap checks, before Ray starts

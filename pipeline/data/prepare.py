@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.config import DataConfig
+from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
@@ -322,6 +322,11 @@ def _stats(
 
 
 # --- the stage ----------------------------------------------------------------------------------
+
+
+def run(cfg: Config, layout: Layout) -> DatasetStats:
+    """The `prepare` stage (`stages/prepare.py`): `prepare_dataset` with the `data` params."""
+    return prepare_dataset(cfg.data, layout)
 
 
 def prepare_dataset(cfg: DataConfig, layout: Layout) -> DatasetStats:
