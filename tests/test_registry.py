@@ -84,7 +84,8 @@ def test_register_twice_makes_one_version_that_loads_without_pickle(mlflow_serve
     assert (
         first
         == second
-        == {"name": name, "version": "1", "uri": f"models:/{name}/1", "alias": "candidate"}
+        == {"name": name, "version": "1", "uri": f"models:/{name}/1", "alias": "candidate",
+            "alias_withheld": None}
     )
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == ["1"]
@@ -287,6 +288,7 @@ def test_register_and_sample_with_embedded_sqlite(tmp_path, monkeypatch):
         "version": "1",
         "uri": "models:/gen-sqlite/1",
         "alias": "candidate",
+        "alias_withheld": None,
     }
     open_registry(uri)
     sample_to_file("models:/gen-sqlite@candidate", 4, 0, tmp_path / "s.npy", "npy")

@@ -11,6 +11,7 @@ cached under .cache/features keyed by the shards' hash, the extractor's hash and
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,17 @@ def generate(
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def _plan(cfg: Config, stats: DatasetStats) -> dict[str, int]:
+@dataclass(frozen=True)
+class SampleCounts:
+    """How many images each measurement uses (the names of `Evaluation`'s fields)."""
+
+    num_samples: int  # generated
+    num_real_samples: int  # of the train split, the FID's reference
+    floor_num_samples: int  # of each split in the real-vs-real floor
+    kid_subset_size: int
+
+
+def _plan(cfg: Config, stats: DatasetStats) -> SampleCounts:
     """Sample counts, checked before any work: N generated, N real, N of the floor, KID subset."""
     train_count, val_count = stats.split_samples("train"), stats.split_samples("val")
     if train_count < 2:
@@ -111,19 +122,18 @@ def _plan(cfg: Config, stats: DatasetStats) -> dict[str, int]:
                      floor_count if floor_count >= 2 else real_count)
     if floor_count < count:
         log.warning("the floor uses %d samples (val split size), the FID %d", floor_count, count)
-    return {"num_samples": count, "num_real_samples": real_count,
-            "floor_num_samples": floor_count, "kid_subset_size": kid_subset}
+    return SampleCounts(count, real_count, floor_count, kid_subset)
 
 
 def _distances(name: str, fake: torch.Tensor, train: torch.Tensor, val: torch.Tensor | None,
-               plan: dict[str, int], seed: int) -> dict[str, float]:
+               plan: SampleCounts, seed: int) -> dict[str, float]:
     """fid_/kid_<extractor> of generated vs train, and their real-vs-real floors."""
-    subset = plan["kid_subset_size"]
+    subset = plan.kid_subset_size
     out: dict[str, float] = {f"fid_{name}": distances.frechet_distance(train, fake)}
     out[f"kid_{name}"], out[f"kid_{name}_std"] = distances.kernel_distance(train, fake, subset,
                                                                            seed)
-    if val is not None and plan["floor_num_samples"] >= 2:
-        floor_train = train[: plan["floor_num_samples"]]
+    if val is not None and plan.floor_num_samples >= 2:
+        floor_train = train[: plan.floor_num_samples]
         out[f"fid_{name}_floor"] = distances.frechet_distance(floor_train, val)
         out[f"kid_{name}_floor"], _ = distances.kernel_distance(floor_train, val, subset, seed)
     return out
@@ -210,7 +220,7 @@ def run(cfg: Config, layout: Layout) -> Evaluation:
     has_classifier = classifier_record is not None and not classifier_record.skipped
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    z = torch.from_numpy(latent_noise(plan["num_samples"], spec.nz, cfg.eval.seed))
+    z = torch.from_numpy(latent_noise(plan.num_samples, spec.nz, cfg.eval.seed))
     fake = quantize(generate(generator, z, cfg.eval.batch_size, device))
     grids = _grids(fake, generator, spec.nz, cfg, layout, device)
 
@@ -226,9 +236,9 @@ def run(cfg: Config, layout: Layout) -> Evaluation:
                      else features.build_extractor(extractor_name, cfg.eval, layout))
         details["feature_extractor_sha256"] = extractor.sha256
         common = (extractor, stats, where, cfg.eval.batch_size, device, layout.feature_cache_dir)
-        train_features = features.real_features("train", plan["num_real_samples"], *common)
-        val_features = (features.real_features("val", plan["floor_num_samples"], *common)
-                        if plan["floor_num_samples"] >= 2 else None)
+        train_features = features.real_features("train", plan.num_real_samples, *common)
+        val_features = (features.real_features("val", plan.floor_num_samples, *common)
+                        if plan.floor_num_samples >= 2 else None)
         fake_features = _features_of(fake, extractor, cfg.eval.batch_size, device, "samples")
         scores.update(_distances(extractor.name, fake_features, train_features, val_features,
                                  plan, cfg.eval.seed))
@@ -253,7 +263,7 @@ def run(cfg: Config, layout: Layout) -> Evaluation:
 
     if classifier is not None and classifier_record is not None:
         details["weak_classifier_reason"] = classifier_record.weak_reason
-    record = Evaluation(feature_extractor=extractor_name or "none", **plan,
+    record = Evaluation(feature_extractor=extractor_name or "none", **asdict(plan),
                         generator_steps=generator_record.steps, scores=scores, **details)
     record_path = record.save(layout)
     samples, interpolation, reals = grids

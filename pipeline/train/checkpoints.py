@@ -10,39 +10,51 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
+from pipeline.core.config import Config, from_dict
+
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 3  # 2: the generator average and quality rows; 3: augmentation
 
-# Keys every checkpoint carries (see `training.TrainLoop.snapshot`).
-REQUIRED_KEYS = (
-    "format",
-    "generator",
-    "generator_ema",  # None when train.ema_half_life_images is 0
-    "discriminator",
-    "opt_g",
-    "opt_d",
-    "step",
-    "epoch",
-    "images_seen",
-    "fixed_noise",
-    "augment",  # {"p": the augmentation probability, "ada_sums": ADA's pending statistics}
-    "rng",
-    "config",
-    "spec",
-    "world_size",
-    "log_rows",
-    "quality_rows",
-    "grids",
-    "resumed_from_steps",
-)
+class TrainState(TypedDict):
+    """The full training state of a checkpoint, as `TrainLoop.snapshot` makes it and
+    `load_state` returns it: plain tensors, numbers, strings, lists and dicts only, so that
+    `torch.load(weights_only=True)` reads it."""
+
+    format: int
+    generator: dict[str, torch.Tensor]
+    generator_ema: dict[str, torch.Tensor] | None  # None when ema_half_life_images is 0
+    discriminator: dict[str, torch.Tensor]
+    opt_g: dict[str, Any]
+    opt_d: dict[str, Any]
+    step: int
+    epoch: int
+    images_seen: int
+    fixed_noise: torch.Tensor
+    augment: dict[str, torch.Tensor]  # {"p": probability, "ada_sums": ADA's pending sums}
+    rng: dict[str, torch.Tensor]  # `capture_rng` of every rank, stacked by rank
+    config: dict[str, Any]  # `dataclasses.asdict(Config)`; `saved_config` gives it typed
+    spec: dict[str, Any]  # the generator's GeneratorSpec
+    world_size: int
+    log_rows: list[dict[str, float]]
+    quality_rows: list[dict[str, float]]
+    grids: list[torch.Tensor]
+    resumed_from_steps: list[int]
 
 
-def save_state(state: dict[str, Any], directory: str | Path) -> Path:
+REQUIRED_KEYS = tuple(TrainState.__annotations__)
+
+
+def saved_config(state: TrainState) -> Config:
+    """The validated config a checkpoint was trained with."""
+    return from_dict(Config, state["config"])
+
+
+def save_state(state: TrainState, directory: str | Path) -> Path:
     """Write `state` to `directory/state.pt` (atomically: a crash leaves no half file)."""
     target_dir = Path(directory)
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +65,7 @@ def save_state(state: dict[str, Any], directory: str | Path) -> Path:
     return target
 
 
-def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
     """Read `directory/state.pt` with weights_only=True; ValueError if a key is missing."""
     path = Path(directory) / STATE_FILE
     state = torch.load(path, map_location=map_location, weights_only=True)

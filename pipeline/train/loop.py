@@ -60,7 +60,8 @@ class LoopHooks(Protocol):
     def before_step(self, step: int) -> None:
         """Called before every step (1-based); fault injection lives here."""
 
-    def save_checkpoint(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: checkpoints.TrainState | None,
+                        metrics: dict[str, Any]) -> None:
         """Called on EVERY rank the same number of times; `state` is None except on rank 0."""
 
     def log_rows(self, rows: list[dict[str, float]]) -> None:
@@ -94,9 +95,7 @@ class LoopResult:
     param_sha256_by_rank: list[str] = field(default_factory=list)
     nonfinite_step: int | None = None
     quality_s: float = 0.0  # rank 0's time measuring quality (and the average's statistics)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    worker_node_ids: list[str] = field(default_factory=list)  # by rank (Ray fills it in)
 
 
 def generator_spec(cfg: Config) -> GeneratorSpec:
@@ -141,7 +140,7 @@ class TrainLoop:
         cfg: Config,
         env: LoopEnv,
         hooks: LoopHooks,
-        resume_state: dict[str, Any] | None = None,
+        resume_state: checkpoints.TrainState | None = None,
         probe: QualityProbe | None = None,
     ) -> None:
         self.cfg, self.env, self.hooks, self.probe = cfg, env, hooks, probe
@@ -225,12 +224,14 @@ class TrainLoop:
 
     # --- resume ---------------------------------------------------------------------------------
 
-    def _load_models(self, generator: nn.Module, discriminator: nn.Module, state: dict) -> None:
+    def _load_models(self, generator: nn.Module, discriminator: nn.Module,
+                     state: checkpoints.TrainState) -> None:
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         self.fixed_noise = state["fixed_noise"].cpu()
 
-    def _make_ema(self, generator: nn.Module, state: dict[str, Any] | None) -> GeneratorEma | None:
+    def _make_ema(self, generator: nn.Module, state: checkpoints.TrainState | None
+                  ) -> GeneratorEma | None:
         """Rank 0's weight average (others never need it), from the checkpoint on resume."""
         half_life = self.cfg.train.ema_half_life_images
         if self.env.rank != 0 or half_life == 0:
@@ -241,7 +242,7 @@ class TrainLoop:
         ema.model.to(self.env.device)
         return ema
 
-    def _load_progress(self, state: dict[str, Any]) -> None:
+    def _load_progress(self, state: checkpoints.TrainState) -> None:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step = int(state["step"])
@@ -522,7 +523,7 @@ class TrainLoop:
         self.grids.append(to_uint8(images).cpu())
         self.hooks.publish_grid(epoch, self.step, images)
 
-    def snapshot(self, rng_by_rank: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def snapshot(self, rng_by_rank: dict[str, torch.Tensor]) -> checkpoints.TrainState:
         """The full train state (rank 0): plain state dicts, optimizers, progress, RNGs."""
         if self.ema is not None and self.ema_refreshed_at_step != self.step:
             self.ema_refreshed_at_step = self.step

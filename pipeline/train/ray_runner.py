@@ -30,7 +30,7 @@ from pipeline.metrics.probe import QualityProbe
 from pipeline.train import checkpoints, mlflow_run, resume
 from pipeline.train.collectives import all_gather_hex, no_forward_buffer_sync
 from pipeline.train.connect import connect_ray, job_logs_command
-from pipeline.train.loop import LoopEnv, TrainLoop
+from pipeline.train.loop import LoopEnv, LoopResult, TrainLoop
 from pipeline.train.preflight import (
     NodeResources,
     TrainPlan,
@@ -88,7 +88,8 @@ class RayHooks:
         ray.train.get_all_reported_checkpoints(timeout_s=60)
         fault.fire(step, self.rank, self.fault_marker)
 
-    def save_checkpoint(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: checkpoints.TrainState | None,
+                        metrics: dict[str, Any]) -> None:
         import ray.train
 
         if state is None:
@@ -124,7 +125,7 @@ class RayHooks:
             self.buffer.close(BUFFER_DRAIN_S)
 
 
-def train_worker(plan: WorkerPlan) -> dict[str, Any]:
+def train_worker(plan: WorkerPlan) -> LoopResult:
     """Ray Train's per-worker function: resume if there is a checkpoint, then train."""
     import ray
     import ray.train
@@ -156,12 +157,11 @@ def train_worker(plan: WorkerPlan) -> dict[str, Any]:
         decode_processes=cfg.train.cpus_per_worker, loader_workers=cfg.train.loader_workers,
     )
     try:
-        outcome = loop.run(batches).to_dict()
+        outcome = loop.run(batches)
     finally:
         hooks.close()  # also when this attempt fails: what was queued is spilled, not lost
     node_id = ray.get_runtime_context().get_node_id()
-    outcome["worker_node_ids"] = all_gather_hex(node_id, world_size)
-    return outcome
+    return dataclasses.replace(outcome, worker_node_ids=all_gather_hex(node_id, world_size))
 
 
 # --- driver side ----------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def _root_cause(err: BaseException) -> str:
 def fit(
     cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
     logged_through: dict[str, int] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any], str]:
+) -> tuple[checkpoints.TrainState, LoopResult, str]:
     """Fit (a run of `run_name` on storage continues from its newest checkpoint: Ray Train
     restores it); return (final checkpoint state, rank 0's loop result, its path) or raise
     UserError. `logged_through`: what MLflow run `run_id` already holds (`resume.RunChoice`)."""
@@ -256,11 +256,13 @@ def fit(
             f"(checkpoints: {plan.storage_path}/{run_name})"
             + (f"; the whole log: {logs}" if logs else "")
         ) from err
-    outcome = result.return_value or {}
-    if outcome.get("nonfinite_step") is not None:
+    outcome: LoopResult | None = result.return_value
+    if outcome is None:
+        raise UserError(f"training ended without a result ({plan.storage_path}/{run_name})")
+    if outcome.nonfinite_step is not None:
         last = result.checkpoint.path if result.checkpoint else "none"
         raise UserError(
-            f"loss became NaN/inf at step {outcome['nonfinite_step']}: training stopped; "
+            f"loss became NaN/inf at step {outcome.nonfinite_step}: training stopped; "
             f"last good checkpoint: {last} (try lower train.lr_d/train.lr_g)"
         )
     if result.checkpoint is None:

@@ -21,14 +21,14 @@ from pipeline.core.records import GeneratorRecord, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
 from pipeline.metrics.probe import QUALITY_COLUMNS, summarise
-from pipeline.train import connect, mlflow_run, ray_runner, resume, tracking_buffer
+from pipeline.train import checkpoints, connect, mlflow_run, ray_runner, resume, tracking_buffer
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import TrainPlan, check_inputs, make_plan, spill_dir, storage_path
 
 logger = logging.getLogger(__name__)
 
 
-def _save_generators(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
+def _save_generators(state: checkpoints.TrainState, layout: Layout) -> GeneratorRecord:
     """generator.pt (the weight average when there is one, else the last weights), the last
     weights as generator_raw.pt (always: a fixed set of outputs), and their record."""
     weights, raw = layout.generator_weights, layout.raw_generator_weights
@@ -36,7 +36,8 @@ def _save_generators(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
     averaged = state["generator_ema"]
     torch.save(averaged if averaged is not None else state["generator"], weights)
     torch.save(state["generator"], raw)
-    half_life = state["config"]["train"]["ema_half_life_images"] if averaged is not None else 0
+    saved = checkpoints.saved_config(state)
+    half_life = saved.train.ema_half_life_images if averaged is not None else 0
     record = GeneratorRecord(spec=state["spec"], steps=state["step"],
                              images_seen=state["images_seen"], sha256=sha256_file(weights),
                              ema_half_life_images=half_life, raw_sha256=sha256_file(raw))
@@ -52,7 +53,7 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer.writerows({key: row[key] for key in columns} for row in rows)
 
 
-def write_outputs(state: dict[str, Any], layout: Layout) -> GeneratorRecord:
+def write_outputs(state: checkpoints.TrainState, layout: Layout) -> GeneratorRecord:
     """Stage outputs from a final checkpoint: generator weights + record, the training and
     quality logs (CSV), grids."""
     record = _save_generators(state, layout)
@@ -193,9 +194,9 @@ def run(cfg: Config, layout: Layout) -> TrainRun:
         world_size=cfg.train.num_workers,
         generator_sha256=generator.sha256,
         wall_s=round(elapsed_s, 1),
-        worker_node_ids=outcome.get("worker_node_ids", []),
-        resumed_from_steps=outcome["resumed_from_steps"],
-        params_identical_across_ranks=len(set(outcome["param_sha256_by_rank"])) == 1,
+        worker_node_ids=outcome.worker_node_ids,
+        resumed_from_steps=outcome.resumed_from_steps,
+        params_identical_across_ranks=len(set(outcome.param_sha256_by_rank)) == 1,
         final_loss_d=rows[-1]["loss_d"] if rows else None,
         final_loss_g=rows[-1]["loss_g"] if rows else None,
         mean_images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
@@ -206,7 +207,7 @@ def run(cfg: Config, layout: Layout) -> TrainRun:
         quality_best_fid_classifier=quality.best_fid_classifier if quality else None,
         quality_final_fid_classifier=quality.final_fid_classifier if quality else None,
         quality_worse_at_end=quality.worse_at_end if quality else None,
-        quality_s=round(outcome.get("quality_s", 0.0), 1),
+        quality_s=round(outcome.quality_s, 1),
         quality_skipped_reason=None if plan.quality else plan.quality_reason,
     )
     record.save(layout)
