@@ -5,7 +5,8 @@ headless Chromium, save a screenshot and check what the rendered page holds.
                                      [--tab model-metrics|overview] [--out ui_run.png]
 
 Default run: the one of reports/train_run.json, else the newest. The `model-metrics` tab (the
-default) must show the sample grid (`train/samples`), the loss charts and the FID chart; the
+default) must show the sample grids (`train/samples` while training, `eval/samples` of the
+evaluated generator), the loss charts and the FID chart; the
 `overview` tab the run's description. Prints what it found as JSON; exit 1 if something is
 missing, 2 if Chromium is not installed (Debian: `apt-get install chromium`). Everything it
 starts is stopped before it returns.
@@ -40,6 +41,8 @@ SERVER_START_TIMEOUT_S = 120
 EXPECTED = {
     "model-metrics": {
         "sample grid image": 'src="get-artifact?path=images%2Ftrain~samples',
+        # The evaluated generator's grid, logged at one step: its card opens on it.
+        "trained samples image": 'src="get-artifact?path=images%2Feval~samples',
         "loss_d chart": 'title="train/loss_d"',
         "loss_d curve legend": "(train/loss_d)</span>",
         "loss_g chart": 'title="train/loss_g"',

@@ -103,6 +103,10 @@ def test_evaluate_writes_metrics_with_floor_grids_and_logs_to_the_training_run(e
     # The final samples at the artifact root (the compare page shows those), enlarged.
     root = {a.path for a in client.list_artifacts(run_id)}
     assert {"samples.png", "interpolation.png"} <= root
+    # And as one image at one step (the generator's images seen), so its card opens on it.
+    grids = [Path(a.path).name for a in client.list_artifacts(run_id, "images")
+             if Path(a.path).name.startswith("eval~samples+step+") and a.path.endswith(".png")]
+    assert len(grids) == 1 and grids[0].startswith("eval~samples+step+0+"), grids
     (repo / "downloaded").mkdir(exist_ok=True)
     shown = client.download_artifacts(run_id, "samples.png", str(repo / "downloaded"))
     assert Image.open(shown).size == (3 * side, 3 * side)

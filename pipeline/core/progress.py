@@ -30,11 +30,18 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar whose postfix updates wait for its next line (tqdm's would redraw at once)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = False, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh, **kwargs)
+
+
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
     """`tqdm(iterable, **kwargs)` on stderr: live on a terminal, else a line every
     PROGRESS_SECONDS_OFF_TERMINAL seconds (and one at the end)."""
     stream = sys.stderr
     if stream.isatty():
         return tqdm(iterable, file=stream, **kwargs)
-    return tqdm(iterable, file=_Lines(stream), mininterval=PROGRESS_SECONDS_OFF_TERMINAL,
-                ascii=True, ncols=100, **kwargs)
+    return _LogBar(iterable, file=_Lines(stream), mininterval=PROGRESS_SECONDS_OFF_TERMINAL,
+                   ascii=True, ncols=100, **kwargs)

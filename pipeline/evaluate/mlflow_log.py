@@ -7,6 +7,9 @@
   its hash, the collapse verdict) as `eval.*`: they are not curves.
 * The description (`mlflow.note.content`): one line with epochs, learning rates, workers, FID
   against its floor, the collapse verdict, the commit and the DVC experiment.
+* Images: the evaluated generator's `samples.png` as the image `eval/samples`, logged at one
+  step only, so that its card in the run's charts opens on the trained samples (MLflow's image
+  cards open at their lowest step: `train/samples` opens on the untrained generator at 0).
 * Artifacts: `samples.png` and `interpolation.png` at the root, enlarged to be read (the
   compare page shows root-level images side by side); the record, its metrics and the reals
   under `evaluation/`.
@@ -18,6 +21,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from pipeline.core import provenance, tracking
 from pipeline.core.records import Evaluation
 from pipeline.data.grids import save_display_copy
@@ -25,6 +30,7 @@ from pipeline.data.grids import save_display_copy
 TAG_FID_EXTRACTOR = "fid.extractor"
 EVAL_TAG_PREFIX = "eval."
 EVALUATION_DIR = "evaluation"
+SAMPLES_IMAGE_KEY = tracking.EVAL_PREFIX + "samples"
 COMMIT_CHARS = 7
 
 
@@ -120,8 +126,10 @@ def log_evaluation(tracking_uri: str, run_id: str, record: Evaluation, *, step: 
                    quality: str | None = None) -> None:
     """Log `record` to the training run `run_id`: metrics at `step`, tags, the description
     (with `quality`, the phrase on its quality while training); display copies of
-    `root_images` at the artifact root, `files` under evaluation/."""
+    `root_images` (samples first) at the artifact root, `files` under evaluation/."""
     tracking.log_metrics(tracking_uri, run_id, metrics(record), step=step)
+    with Image.open(root_images[0]) as samples:
+        tracking.log_image(tracking_uri, run_id, samples.copy(), SAMPLES_IMAGE_KEY, step)
     tracking.set_tags(tracking_uri, run_id, tags(record))
     params, run_tags = tracking.run_params_and_tags(tracking_uri, run_id)
     tracking.set_description(tracking_uri, run_id,
