@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO_ROOT, dataset_stats
 
 from pipeline.core import tracking
-from pipeline.core.config import load_config, to_flat_dict
+from pipeline.core.config import Config, load_config, to_flat_dict
 from pipeline.core.errors import UserError
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
@@ -192,7 +192,8 @@ def test_the_command_says_what_came_in_and_what_changed(store, tmp_path):
     assert lines[0].startswith(f"imported run {run_id} (17 steps on 2 worker(s); generator "
                                "SHA-256 ")
     assert "  models/generator.pt" in lines and "  reports/train_log.csv" in lines
-    assert "params.yaml: train.epochs: 20 -> 1 (what the run trained with)" in lines
+    default_epochs = Config().train.epochs
+    assert f"params.yaml: train.epochs: {default_epochs} -> 1 (what the run trained with)" in lines
     assert lines[-1].startswith("not recorded in dvc.lock (--no-dvc-commit)")
 
     neither = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
