@@ -223,3 +223,20 @@ def test_the_description_says_what_a_person_looks_for_in_one_line():
     assert "MODE COLLAPSE (3/10 classes)" in text and "1 worker × batch 32" in text
     unmeasured = _evaluation(feature_extractor="none", scores={}, mode_collapse=None)
     assert "no FID" in mlflow_log.description(unmeasured, {}, {})
+
+
+def test_the_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment of no declared kind in its GenAI (traces) view; the first
+    run declares it a model-training one, and a kind someone set is kept."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the store's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, experiment_id = tracking.start_run(uri, "kinds", {"a": 1})
+    client = MlflowClient(tracking_uri=uri)
+    kind = client.get_experiment(experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert kind == "custom_model_development"
+    client.set_experiment_tag(experiment_id, tracking.TAG_EXPERIMENT_KIND, "genai_development")
+    tracking.start_run(uri, "kinds", {"a": 2})
+    assert client.get_experiment(experiment_id).tags[tracking.TAG_EXPERIMENT_KIND] == (
+        "genai_development")

@@ -48,6 +48,9 @@ JOB_TAG = "ray_job_submission_id"  # tag of a run that `ray job submit` ran
 
 TRAIN_PREFIX = "train/"
 EVAL_PREFIX = "eval/"
+# The experiment tag by which MLflow 3's UI opens an experiment in its model-training view.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 QUALITY_PREFIX = "quality/"  # measured while training (pipeline.metrics.probe)
 SYSTEM_PREFIX = "system/"
 HEADLINE_FID = "fid"
@@ -140,6 +143,9 @@ def start_run(
         if found
         else client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri))
     )
+    if found is None or TAG_EXPERIMENT_KIND not in found.tags:
+        # MLflow 3's UI opens an experiment of no declared kind in its GenAI (traces) view.
+        client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING_KIND)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     items = [Param(key, str(value)) for key, value in params.items()]
     for start in range(0, len(items), _PARAMS_PER_BATCH):
