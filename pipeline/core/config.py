@@ -129,7 +129,7 @@ class TrainConfig:
         10_000, at_least(0), "half-life of the generator's weight average (images); 0 = off"
     )
     eval_every_images: int = param(
-        9000, at_least(0), "images between in-training quality checks; 0 = every epoch"
+        18_000, at_least(0), "images between in-training quality checks; 0 = every epoch"
     )
     augment: str = param(
         "off", one_of("off", "fixed", "adaptive"),
