@@ -287,6 +287,11 @@ class Evaluation(Record):
     # The classifier is below its accuracy bar: its FID and coverage are rough (why, here).
     weak_classifier_reason: str | None = None
 
+    def classes_hit_words(self) -> str:
+        """`<hit>/<classes> classes` of the class coverage measurement."""
+        hit = int(self.scores.get("classes_hit", 0))
+        return f"{hit}/{len(self.class_histogram or [])} classes"
+
     def metrics(self) -> dict[str, Any]:
         """FID/KID and their floors, class coverage and the collapse verdict (the full scores,
         the last weights' FID among them, stay in the record and the MLflow run)."""

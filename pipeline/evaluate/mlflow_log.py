@@ -88,8 +88,7 @@ def _fid_words(record: Evaluation) -> str:
 def _collapse_words(record: Evaluation) -> str:
     if record.mode_collapse is None:
         return "class coverage not measured"
-    hit = int(record.scores.get("classes_hit", 0))
-    classes = f"{hit}/{len(record.class_histogram or [])} classes"
+    classes = record.classes_hit_words()
     return f"MODE COLLAPSE ({classes})" if record.mode_collapse else f"no mode collapse ({classes})"
 
 

@@ -75,9 +75,7 @@ def withheld_reason(evaluation: Evaluation) -> str | None:
     if broken:
         return f"non-finite {', '.join(broken)}"
     if evaluation.mode_collapse:
-        hit = int(evaluation.scores.get("classes_hit", 0))
-        total = len(evaluation.class_histogram or [])
-        return f"mode collapse ({hit}/{total} classes)" if total else "mode collapse"
+        return f"mode collapse ({evaluation.classes_hit_words()})"
     return None
 
 
