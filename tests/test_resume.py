@@ -4,6 +4,7 @@ training, and `python -m pipeline sync-run` uploads what it missed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_repo, stage_env, start_mlflow_server, stop_process
+from conftest import copy_repo, fresh_git_repo, git, stage_env, start_mlflow_server, stop_process
 from test_training import TINY, assert_as_straight_run, tiny_config
 
 from devtools.gloo import free_port
@@ -71,9 +72,10 @@ def start_and_pause(repo: Path, args: list[str], env: dict[str, str],
     deadline = time.monotonic() + WAIT_S
     while not list(storage.glob("*/fault_injected")):
         if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, err = process.communicate(timeout=60)
-            pytest.fail(f"the stage never reached step 25:\n{err[-3000:]}")
+            with contextlib.suppress(ProcessLookupError):  # gone already: it failed early
+                os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate(timeout=60)
+            pytest.fail(f"the stage never reached step 25:\n{(out + err)[-3000:]}")
         time.sleep(0.5)
     return process
 
@@ -166,39 +168,77 @@ def test_the_buffer_keeps_what_the_server_did_not_take_and_sync_uploads_it_once(
 # --- real Ray, real server: the interrupted driver -----------------------------------------------
 
 
+def dvc_workspace(mnist_shards: Path, tmp_path: Path, settings: list[str]) -> Path:
+    """A fresh git repository (what a user has after a clone) whose committed params.yaml holds
+    `settings`, with mnist5k's shards in data/ and no classifier (no quality while training),
+    to run the train stage with `dvc repro` / `dvc exp run`."""
+    import yaml
+
+    params: dict[str, dict] = {}
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        section, name = key.split(".", 1)
+        params.setdefault(section, {})[name] = yaml.safe_load(value)
+    repo = fresh_git_repo(tmp_path / "repo", params)
+    shutil.copytree(mnist_shards / "data", repo / "data", dirs_exist_ok=True)
+    shutil.copy(mnist_shards / "metrics" / "prepare.json", repo / "metrics" / "prepare.json")
+    # As after the user's `dvc repro` of prepare: its outputs in dvc.lock and the cache
+    # (`dvc exp run` checks out what dvc.lock names).
+    subprocess.run(["dvc", "commit", "-f", "-q", "prepare"], cwd=repo, env=stage_env(repo),
+                   check=True, capture_output=True, timeout=120)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "prepared")
+    (repo / "models" / "classifier").mkdir(parents=True)  # a dep of train; empty: no quality
+    return repo
+
+
+def dvc_train(repo: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    """`dvc <command> -s train` run to its end: only the train stage, as its outputs' user."""
+    result = subprocess.run(["dvc", *command, "-s", "train"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
-def test_an_interrupted_train_stage_continues_its_run_bit_identically(
+def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identically(
     ray_cluster, mlflow_server, mnist_shards, tmp_path, stop
 ):
-    repo = workspace(mnist_shards, tmp_path)
+    """Ctrl-C during `dvc repro`, then `dvc repro`; the driver killed during `dvc exp run`
+    (with an experiment of other params in between), then `dvc exp run`: the rerun continues
+    the interrupted Ray run and MLflow run, and ends as a straight run would."""
     storage, experiment = tmp_path / "ray", f"resume-{stop}"
-    args = stage_args(mlflow_server, storage, experiment)
-    process = start_and_pause(repo, args, ray_env(repo, ray_cluster, "step=25,mode=hang"),
-                              storage)
-    if stop == "SIGINT":  # Ctrl-C: the terminal signals the whole foreground job
-        os.killpg(process.pid, signal.SIGINT)
-    else:  # the driver dies at once (a lost session, an OOM kill)
-        process.kill()
+    repo = dvc_workspace(mnist_shards, tmp_path, [
+        *STAGE_PARAMS, f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment={experiment}",
+        f"train.storage_path={storage}"])
+    committed_lr_g = load_config(repo / "params.yaml", []).train.lr_g
+    command = ["repro"] if stop == "SIGINT" else ["exp", "run"]
+    process = start_and_pause(repo, ["dvc", *command, "-s", "train"],
+                              ray_env(repo, ray_cluster, "step=25,mode=hang"), storage)
+    # Ctrl-C: the terminal signals the whole foreground job; SIGKILL: the session is lost
+    # at once (an OOM kill, a closed laptop), dvc and the driver with it.
+    os.killpg(process.pid, getattr(signal, stop))
     _, err = process.communicate(timeout=120)
     (interrupted,) = runs_of(mlflow_server, experiment)
     if stop == "SIGINT":
-        assert process.returncode == 130, err[-5000:]
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("error: interrupted: MLflow run ") and "KILLED" in last, err[-3000:]
-        assert "last at step 20" in last and "`dvc repro`" in last
+        assert process.returncode != 0, err[-5000:]
+        (line,) = [line for line in err.splitlines() if "error: interrupted: MLflow run " in line]
+        assert "KILLED" in line and "last at step 20" in line and "`dvc repro`" in line, line
         assert interrupted.info.status == "KILLED"
     else:
         assert interrupted.info.status == "RUNNING"  # nobody could mark it
 
     if stop == "SIGKILL":
-        # Other params in between: a fresh run, the interrupted one untouched.
-        other = run_to_end(repo, [*args, "-S", "train.lr_g=0.001"], ray_env(repo, ray_cluster))
+        # An experiment of other params in between: a fresh run, the interrupted one untouched.
+        other = dvc_train(repo, ray_env(repo, ray_cluster), "exp", "run", "-S", "train.lr_g=0.001")
         assert "fresh Ray run" in other.stderr and record_of(repo)["resumed_from_steps"] == []
         assert record_of(repo)["mlflow_run_id"] != interrupted.info.run_id
 
-    rerun = run_to_end(repo, args, ray_env(repo, ray_cluster))
+    # The interrupted run's params again (`dvc exp run` left the other experiment's in place).
+    again = [] if stop == "SIGINT" else ["-S", f"train.lr_g={committed_lr_g}"]
+    rerun = dvc_train(repo, ray_env(repo, ray_cluster), *command, *again)
     record = record_of(repo)
     assert f"resuming Ray run {record['ray_run_name']} from its checkpoint at step 20" in (
         rerun.stderr)
@@ -210,15 +250,14 @@ def test_an_interrupted_train_stage_continues_its_run_bit_identically(
     assert runs[0].info.status == "FINISHED"
     # The history continues: every logged step once, none twice.
     assert metric_steps(mlflow_server, record["mlflow_run_id"]) == LOGGED_STEPS
-    cfg = load_config(repo / "params.yaml", [*STAGE_PARAMS, f"train.storage_path={storage}",
-                                             f"train.shards={repo / 'data' / 'shards'}"])
+    cfg = load_config(repo / "params.yaml", [f"train.shards={repo / 'data' / 'shards'}"])
     assert_as_straight_run(cfg, record, repo)
 
     if stop == "SIGKILL":
         return
-    # A finished run is never resumed: the same command again trains a fresh run.
-    again = run_to_end(repo, args, ray_env(repo, ray_cluster))
-    assert "fresh Ray run" in again.stderr and "finished" in again.stderr
+    # A finished run is never resumed: the stage forced to run again trains a fresh run.
+    forced = dvc_train(repo, ray_env(repo, ray_cluster), "repro", "-f")
+    assert "fresh Ray run" in forced.stderr and "finished" in forced.stderr
     assert record_of(repo)["ray_run_name"] == record["ray_run_name"] + "-2"
 
 
