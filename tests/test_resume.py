@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from devtools.gloo import free_port
 from pipeline.core.config import load_config, set_params
 from pipeline.train import resume
 from pipeline.train.faults import FAULT_ENV
+from pipeline.train.preflight import spill_dir
 from pipeline.train.tracking_buffer import TrackingBuffer, pending, sync
 
 # 4,500 train images / 128 = 35 steps per epoch, 70 in all; checkpoints every 10 steps.
@@ -307,6 +309,54 @@ def test_a_stopped_tracking_server_costs_no_training_and_sync_run_completes_the_
         twice = subprocess.run(sync_args, cwd=repo, env=stage_env(repo), capture_output=True,
                                text=True, timeout=120)
         assert twice.returncode == 0 and "nothing to upload" in twice.stdout
+    finally:
+        stop_process(server)
+
+
+def lines_of(stream) -> list[str]:
+    """The lines of `stream` as they come, read by a daemon thread (the caller polls)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_tracking_server_restarted_within_the_run_loses_nothing(ray_cluster, mnist_shards,
+                                                                   tmp_path):
+    """The server stops at step 25 and is back once rank 0 found it gone: training never
+    waits, the buffer sends what waited, and the run is complete without a sync."""
+    from mlflow import MlflowClient
+
+    repo = workspace(mnist_shards, tmp_path)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path / "server", port)
+    storage = tmp_path / "ray"
+    try:
+        process = start_and_pause(repo, stage_args(uri, storage, "server-back"),
+                                  ray_env(repo, ray_cluster, "step=25,mode=hang,seconds=5"),
+                                  storage)
+        stop_process(server)
+        err = lines_of(process.stderr)
+        deadline = time.monotonic() + WAIT_S
+        while not any("server not answering" in line for line in err):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(err)[-4000:]
+            time.sleep(0.2)
+        server = start_mlflow_server(tmp_path / "server", port)
+        assert process.wait(timeout=WAIT_S) == 0, "".join(err)[-4000:]
+        assert not [line for line in err if "is incomplete" in line], "".join(err)[-4000:]
+        record = record_of(repo)
+        run = MlflowClient(uri).get_run(record["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and record["steps"] == STEPS
+        assert metric_steps(uri, run.info.run_id) == LOGGED_STEPS  # all of it, once
+        spilled = pending(spill_dir(str(storage), record["ray_run_name"]))
+        assert (spilled.metric_rows, spilled.images, spilled.spill_dir) == (0, 0, None)
     finally:
         stop_process(server)
 
