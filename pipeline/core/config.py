@@ -86,7 +86,9 @@ class DataConfig:
     """`data`: where images come from and how they are sharded."""
 
     source: str = param(
-        BUILTIN_SOURCE, doc="mnist5k, a directory of images, or a .zip/.tar/.tar.gz"
+        BUILTIN_SOURCE,
+        doc="mnist5k, a directory of images, a .zip/.tar/.tar.gz, or a .parquet/.csv manifest "
+        "(column path or url, optional label; paths may be fsspec URLs)",
     )
     image_size: int = param(32, power_of_two(16, 128), "side of the square images, px")
     channels: int = param(1, one_of(1, 3), "1 = grayscale, 3 = RGB")
@@ -95,7 +97,18 @@ class DataConfig:
     samples_per_shard: int = param(1000, at_least(1), "max samples in one tar shard")
     on_bad_image: str = param("skip", one_of("skip", "error"), "skip (count) or error (stop)")
     min_side_px: int = param(8, at_least(1), "images with a smaller side are skipped")
-    num_processes: int = param(0, at_least(0), "decode processes; 0 = one per CPU core")
+    num_processes: int = param(
+        0, at_least(0), "decode processes of the local backend; 0 = one per CPU core"
+    )
+    backend: str = param(
+        "auto", one_of("auto", "local", "ray"),
+        "where shards are written: local = processes here, ray = one Ray task per shard; "
+        "auto = ray when RAY_ADDRESS is set or inside a Ray job, else local",
+    )
+    shards_dir: str = param(
+        "data/shards", doc="where shards go: a path (relative to the repo) or fsspec URL that "
+        "every Ray node reaches",
+    )
 
 
 @dataclass(frozen=True)

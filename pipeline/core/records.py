@@ -121,6 +121,9 @@ class DatasetStats(Record):
     pixel_std: list[float]
     shard_sha256: dict[str, str]
     dataset_sha256: str
+    # Every skipped image (index, reason, path, detail), relative to the root: `skipped` shows
+    # at most 100 paths per reason.
+    skipped_list: str = ""
 
     def split_samples(self, split: str) -> int:
         """Samples in `split` (0 when the split is empty)."""

@@ -1,147 +1,70 @@
 """The `prepare` stage: a source of images -> deterministic WebDataset shards + manifest + stats.
 
-Same input and params give byte-identical shards: sources are listed in sorted order, the
-split is seeded, tar headers carry a fixed mtime/owner/mode, and PNG encoding is deterministic.
-DVC's cache and `dvc repro`'s "up to date" rely on that.
+Streaming, in bounded memory: the source is listed first (names and labels, no pixels), the
+train/val split and every shard's images are decided from that listing alone, and each shard is
+then one task (`pipeline.data.shard_writer`) that decodes its images one at a time and writes
+them straight into its tar. Tasks run in this process, in a pool of processes
+(`data.backend: local`) or as Ray tasks on a cluster (`ray`, `pipeline.data.ray_prepare`); the
+driver only lists, hands out tasks and combines their small summaries, in shard order.
+
+Same input and params give byte-identical shards whatever the parallelism: sources are listed in
+sorted order, the split is seeded, shard boundaries follow `samples_per_shard` only, tar headers
+carry a fixed mtime/owner/mode, and PNG encoding is deterministic. DVC's cache and `dvc repro`'s
+"up to date" rely on that.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tarfile
-import zipfile
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import UserError
-from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
 from pipeline.core.progress import progress
 from pipeline.core.records import DatasetStats
-from pipeline.data.images import (
-    REASONS,
-    UNREADABLE,
-    UNSAFE_NAME,
-    BadImage,
-    PreparedImage,
-    prepare_array,
-    prepare_bytes,
+from pipeline.data.images import REASONS, UNSAFE_NAME
+from pipeline.data.shard_writer import (
+    FAULT_ENV,
+    PARTS_DIR,
+    SKIPPED_PATHS_SHOWN,
+    TAR_MODE,
+    TAR_MTIME,
+    TAR_OWNER,
+    ShardJob,
+    ShardSummary,
+    ShardTask,
+    manifest_schema,
+    sample_key,
+    write_shard,
+    write_shard_task,
 )
-from pipeline.data.sources import Item, Source, open_source
+from pipeline.data.sources import Source, open_source
 
 log = logging.getLogger(__name__)
 
+__all__ = ["TAR_MODE", "TAR_MTIME", "TAR_OWNER", "prepare_dataset", "run", "sample_key",
+           "split_assignments", "write_shard"]
+
 SPLITS = ("train", "val")
-# Fixed tar header fields: nothing in a shard depends on when or by whom it was written.
-TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
-TAR_OWNER = "dcgan"
-TAR_MODE = 0o444
+SKIPPED_FILE = Path("data/skipped.tsv")  # every skipped image: index, reason, path, detail
 _IGNORED_PATHS_SHOWN = 100
-_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one source item: a prepared image, or a skip reason."""
-
-    index: int
-    name: str
-    path: str
-    label: str | None
-    image: PreparedImage | None = None
-    reason: str = ""
-    detail: str = ""
-
-
-# --- decoding (runs in the process pool) --------------------------------------------------------
-
-
-def process_item(item: Item, *, image_size: int, channels: int, min_side_px: int) -> Outcome:
-    """Decode and prepare one item; never raises for a bad image (the reason is returned)."""
-    options = {"image_size": image_size, "channels": channels, "min_side_px": min_side_px}
-    try:
-        if item.refused:
-            raise BadImage(item.refused, item.detail)
-        if item.pixels is not None:
-            image = prepare_array(item.pixels, **options)
-        else:
-            data = item.data
-            if item.file is not None:
-                try:
-                    data = Path(item.file).read_bytes()
-                except OSError as err:
-                    raise BadImage(UNREADABLE, err.strerror or str(err)) from err
-            image = prepare_bytes(data or b"", **options)
-    except BadImage as bad:
-        return Outcome(item.index, item.name, item.path, item.label, None, bad.reason, bad.detail)
-    return Outcome(item.index, item.name, item.path, item.label, image)
-
-
-def _decode_all(source: Source, cfg: DataConfig) -> list[Outcome]:
-    """Prepare every item with a process pool; stop at the first bad one if asked to."""
-    work = functools.partial(
-        process_item,
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        min_side_px=cfg.min_side_px,
-    )
-    num_processes = cfg.num_processes or os.cpu_count() or 1
-    outcomes: list[Outcome] = []
-    total = len(source.names) + len(source.unsafe)
-    bar = progress(total=total, desc="prepare: decoding", unit="img")
-    unsafe = [
-        Outcome(len(source.names) + i, name, f"{source.location}!{name}", None, None,
-                UNSAFE_NAME, "a member name that leaves the archive")
-        for i, name in enumerate(source.unsafe)
-    ]
-    _collect(unsafe, outcomes, bar, cfg)
-    try:
-        if num_processes == 1:
-            results: Iterable[Outcome] = map(work, source.items())
-            _collect(results, outcomes, bar, cfg)
-        else:
-            # spawn: no fork of a process that already runs threads (tqdm's monitor).
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(num_processes) as pool:
-                _collect(pool.imap(work, source.items(), chunksize=32), outcomes, bar, cfg)
-    except _ARCHIVE_ERRORS as err:
-        raise UserError(f"data.source {source.location}: cannot read it ({err})") from err
-    finally:
-        bar.close()
-    return sorted(outcomes, key=lambda o: o.index)
-
-
-def _collect(results: Iterable[Outcome], into: list[Outcome], bar: tqdm, cfg: DataConfig):
-    for outcome in results:
-        if outcome.image is None and cfg.on_bad_image == "error":
-            detail = f" ({outcome.detail})" if outcome.detail else ""
-            raise UserError(
-                f"{outcome.path}: bad image, {outcome.reason}{detail}; "
-                "set data.on_bad_image=skip to skip and count such files"
-            )
-        into.append(outcome)
-        bar.update()
+RAY_ENV_VARS = ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")  # a cluster, or `ray job submit`
 
 
 # --- split --------------------------------------------------------------------------------------
 
 
 def split_assignments(
-    labels: list[str | None], val_fraction: float, seed: int
+    labels: Sequence[str | None], val_fraction: float, seed: int
 ) -> dict[str, list[int]]:
     """Positions of the train and val samples, stratified by label and seeded.
 
@@ -150,175 +73,208 @@ def split_assignments(
     seeded shuffled order, so that a shard mixes classes.
     """
     rng = np.random.default_rng(seed)
-    groups: dict[str, list[int]] = {}
-    for position, label in enumerate(labels):
-        groups.setdefault(label or "", []).append(position)
-    names = sorted(groups)
+    names, codes = np.unique(np.asarray([label or "" for label in labels], dtype=object),
+                             return_inverse=True)
+    sizes = np.bincount(codes, minlength=len(names))
     total_val = int(len(labels) * val_fraction + 0.5)
-    exact = {n: len(groups[n]) * val_fraction for n in names}
-    quota = {n: int(exact[n]) for n in names}
-    by_remainder = sorted(names, key=lambda n: (-(exact[n] - quota[n]), n))
-    for name in by_remainder[: max(0, total_val - sum(quota.values()))]:
-        quota[name] += 1
-    val: list[int] = []
-    for name in names:
-        members = np.asarray(groups[name])
-        val.extend(members[rng.permutation(len(members))[: quota[name]]].tolist())
-    val = sorted(val)
-    val_set = set(val)
-    train = [p for p in range(len(labels)) if p not in val_set]
+    exact = sizes * val_fraction
+    quota = exact.astype(np.int64)
+    by_remainder = sorted(range(len(names)), key=lambda k: (-(exact[k] - quota[k]), names[k]))
+    for k in by_remainder[: max(0, total_val - int(quota.sum()))]:
+        quota[k] += 1
+    is_val = np.zeros(len(labels), dtype=bool)
+    for k in range(len(names)):
+        members = np.flatnonzero(codes == k)
+        is_val[members[rng.permutation(len(members))[: quota[k]]]] = True
+    val, train = np.flatnonzero(is_val), np.flatnonzero(~is_val)
     return {
-        "train": [train[i] for i in rng.permutation(len(train))],
-        "val": [val[i] for i in rng.permutation(len(val))],
+        "train": train[rng.permutation(len(train))].tolist(),
+        "val": val[rng.permutation(len(val))].tolist(),
     }
 
 
-# --- writing ------------------------------------------------------------------------------------
-
-
-def sample_key(index: int) -> str:
-    """The WebDataset key of the `index`-th image of the sorted source listing (no dots)."""
-    return f"{index:08d}"
-
-
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = TAR_OWNER
-    return info, io.BytesIO(data)
-
-
-def write_shard(path: Path, samples: Iterable[dict[str, bytes]]) -> None:
-    """Write samples ({"__key__": key, ext: bytes}) as a tar with fixed headers, sorted members."""
-    with open(path, "wb") as stream, tarfile.open(
-        fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT
-    ) as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for ext in sorted(k for k in sample if k != "__key__"):
-                tar.addfile(*_tar_member(f"{key}.{ext}", sample[ext]))
-
-
-def _members(outcome: Outcome, class_index: dict[str, int]) -> dict[str, bytes]:
-    image = outcome.image
-    assert image is not None
-    meta = {"source_path": outcome.name, "width": image.width, "height": image.height}
-    sample = {
-        "__key__": sample_key(outcome.index),
-        "png": image.png,
-        "json": json.dumps(meta, sort_keys=True).encode(),
-    }
-    if outcome.label is not None:
-        sample["cls"] = str(class_index[outcome.label]).encode("ascii")
-    return sample
-
-
-def _chunks(items: list[Outcome], size: int) -> Iterator[list[Outcome]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _write_splits(
-    good: list[Outcome], splits: dict[str, list[int]], out_dir: Path, cfg: DataConfig,
-    class_index: dict[str, int],
-) -> list[dict]:
-    """Write every split's shards into `out_dir`; return one manifest row per sample."""
-    rows = []
+def shard_tasks(splits: dict[str, list[int]], samples_per_shard: int) -> Iterator[ShardTask]:
+    """Every shard, train first: `samples_per_shard` consecutive positions of its split's
+    order (fewer in the last). Nothing here depends on how many workers run them."""
     for split in SPLITS:
-        ordered = [good[p] for p in splits[split]]
-        for number, chunk in enumerate(_chunks(ordered, cfg.samples_per_shard)):
-            shard = f"{split}-{number:06d}.tar"
-            write_shard(out_dir / shard, (_members(o, class_index) for o in chunk))
-            for o in chunk:
-                assert o.image is not None
-                rows.append({
-                    "key": sample_key(o.index),
-                    "split": split,
-                    "shard": shard,
-                    "label": class_index[o.label] if o.label is not None else None,
-                    "class_name": o.label,
-                    "source_path": o.name,
-                    "sha256": o.image.sha256,
-                    "width": o.image.width,
-                    "height": o.image.height,
-                })
-    return rows
+        order = splits[split]
+        for number, start in enumerate(range(0, len(order), samples_per_shard)):
+            positions = tuple(order[start : start + samples_per_shard])
+            yield ShardTask(f"{split}-{number:06d}.tar", split, positions)
 
 
-def _write_manifest(rows: list[dict], path: Path) -> None:
-    import pandas as pd
-
-    table = pd.DataFrame(rows, columns=[
-        "key", "split", "shard", "label", "class_name", "source_path", "sha256", "width", "height",
-    ])
-    table["label"] = table["label"].astype("Int64")
-    table.to_parquet(path, index=False)
+# --- backends -----------------------------------------------------------------------------------
 
 
-# --- statistics ---------------------------------------------------------------------------------
+def resolve_backend(backend: str, environ: dict[str, str] | None = None) -> str:
+    """`data.backend` as run: auto = ray inside a Ray job or with RAY_ADDRESS set, else local."""
+    environ = dict(os.environ) if environ is None else environ
+    if backend != "auto":
+        return backend
+    return "ray" if any(environ.get(name) for name in RAY_ENV_VARS) else "local"
 
 
-def _pixel_stats(outcomes: list[Outcome], channels: int) -> tuple[list[float], list[float]]:
+_POOL_JOB: ShardJob | None = None  # each pool process's copy of the job, sent once
+
+
+def _pool_init(job: ShardJob) -> None:
+    global _POOL_JOB
+    _POOL_JOB = job
+
+
+def _pool_task(task: ShardTask) -> ShardSummary:
+    assert _POOL_JOB is not None
+    return write_shard_task(_POOL_JOB, task)
+
+
+def run_local(job: ShardJob, tasks: Iterator[ShardTask], processes: int) -> Iterator[ShardSummary]:
+    """Summaries of `tasks` run here (1 process) or in a pool; in completion order."""
+    if processes == 1:
+        for task in tasks:
+            yield write_shard_task(job, task)
+        return
+    # spawn: no fork of a process that already runs threads (tqdm's monitor).
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_pool_init, initargs=(job,)) as pool:
+        yield from pool.imap_unordered(_pool_task, tasks, chunksize=1)
+
+
+def _summaries(cfg: DataConfig, backend: str, job: ShardJob, tasks: list[ShardTask] | Any,
+               shard_count: int) -> Iterator[ShardSummary]:
+    if backend == "ray":
+        from pipeline.data.ray_prepare import run_on_ray
+
+        return run_on_ray(job, tasks)
+    processes = min(cfg.num_processes or os.cpu_count() or 1, max(shard_count, 1))
+    return run_local(job, tasks, processes)
+
+
+# --- combining ----------------------------------------------------------------------------------
+
+
+class Totals:
+    """The driver's view of the run: per-shard summaries folded as they arrive."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.shards: dict[str, ShardSummary] = {}
+        self.skipped = {reason: 0 for reason in REASONS}
+        self.shown: dict[str, list[tuple[int, str]]] = {reason: [] for reason in REASONS}
+        self.first_bad: tuple[int, str, str, str] | None = None
+        self.skipped["unsafe_name"] = len(source.unsafe)
+        self.shown["unsafe_name"] = [
+            (len(source.names) + i, f"{source.location}!{name}")
+            for i, name in enumerate(source.unsafe[:SKIPPED_PATHS_SHOWN])
+        ]
+
+    def add(self, summary: ShardSummary) -> None:
+        """Fold one shard in; its lists of shown paths are merged and capped, then dropped."""
+        for reason, count in summary.skipped.items():
+            self.skipped[reason] += count
+        for index, reason, path in summary.skipped_shown:
+            self.shown[reason].append((index, path))
+        for reason in {reason for _, reason, _ in summary.skipped_shown}:
+            # The first paths in listing order, whatever order the shards finished in.
+            self.shown[reason] = sorted(self.shown[reason])[:SKIPPED_PATHS_SHOWN]
+        summary.skipped_shown = []
+        if summary.first_bad and (self.first_bad is None or summary.first_bad < self.first_bad):
+            self.first_bad = summary.first_bad
+        self.shards[summary.name] = summary
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards.values())
+
+    def ordered(self, split: str | None = None) -> list[ShardSummary]:
+        """Shard summaries in shard-name order (the fixed order every sum is taken in)."""
+        return [self.shards[n] for n in sorted(self.shards)
+                if split is None or self.shards[n].split == split]
+
+    def written(self) -> list[ShardSummary]:
+        return [s for s in self.ordered() if s.samples]
+
+
+def _pixel_stats(shards: list[ShardSummary], channels: int) -> tuple[list[float], list[float]]:
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
     count = 0
-    for o in outcomes:
-        assert o.image is not None
-        total += o.image.pixel_sum
-        total_sq += o.image.pixel_sq_sum
-        count += o.image.pixel_count
+    for shard in shards:  # a fixed order: the same float sums with 1 process or 100 nodes
+        total += shard.pixel_sum
+        total_sq += shard.pixel_sq_sum
+        count += shard.pixel_count
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0.0))
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
-def _stats(
-    cfg: DataConfig, source: Source, outcomes: list[Outcome], good: list[Outcome],
-    splits: dict[str, list[int]], rows: list[dict], shard_hashes: dict[str, str],
-) -> DatasetStats:
-    bad = [o for o in outcomes if o.image is None]
-    skipped = {reason: {"count": 0, "paths": []} for reason in REASONS}
-    for o in bad:
-        skipped[o.reason]["count"] += 1
-        skipped[o.reason]["paths"].append(o.path)
-    split_stats = {}
-    for split in SPLITS:
-        split_rows = [r for r in rows if r["split"] == split]
-        classes = Counter(r["class_name"] for r in split_rows if r["class_name"] is not None)
-        split_stats[split] = {
-            "samples": len(split_rows),
-            "shards": len({r["shard"] for r in split_rows}),
-            "classes": {name: classes.get(name, 0) for name in source.class_names},
-        }
-    mean, std = _pixel_stats([good[p] for p in splits["train"]], cfg.channels)
+def _split_stats(totals: Totals, split: str) -> dict[str, Any]:
+    shards = [s for s in totals.ordered(split) if s.samples]
+    classes: Counter[str] = Counter()
+    for shard in shards:
+        classes.update(shard.classes)
+    return {
+        "samples": sum(s.samples for s in shards),
+        "shards": len(shards),
+        "classes": {name: classes.get(name, 0) for name in totals.source.class_names},
+    }
+
+
+def _stats(cfg: DataConfig, totals: Totals) -> DatasetStats:
+    source = totals.source
+    hashes = {s.name: s.sha256 for s in totals.written()}
     digest = hashlib.sha256()
-    for name in sorted(shard_hashes):
-        digest.update(f"{name} {shard_hashes[name]}\n".encode())
+    for name in sorted(hashes):
+        digest.update(f"{name} {hashes[name]}\n".encode())
+    mean, std = _pixel_stats(totals.ordered("train"), cfg.channels)
+    skipped = {reason: {"count": totals.skipped[reason],
+                        "paths": [path for _, path in totals.shown[reason]]}
+               for reason in REASONS}
     return DatasetStats(
         source=cfg.source,
         source_kind=source.kind,
         images_found=len(source.names),
-        samples=len(good),
-        splits=split_stats,
-        shards=len(shard_hashes),
+        samples=totals.samples,
+        splits={split: _split_stats(totals, split) for split in SPLITS},
+        shards=len(hashes),
         labelled=source.labels is not None,
         num_classes=len(source.class_names) if source.labels is not None else None,
         class_names=source.class_names,
         image_size=cfg.image_size,
         channels=cfg.channels,
-        skipped_total=len(bad),
+        skipped_total=sum(totals.skipped.values()),
         skipped=skipped,
         ignored_files={
             "count": len(source.ignored), "paths": source.ignored[:_IGNORED_PATHS_SHOWN]
         },
         pixel_mean=mean,
         pixel_std=std,
-        shard_sha256=shard_hashes,
+        shard_sha256=hashes,
         dataset_sha256=digest.hexdigest(),
+        skipped_list=SKIPPED_FILE.as_posix(),
     )
+
+
+def _combine_parts(fs: Any, staging: str, totals: Totals, manifest: Path, skipped: Path) -> None:
+    """The manifest and the skipped list, from the shards' parts in shard order (one part in
+    memory at a time)."""
+    import pyarrow.parquet as pq
+
+    schema = manifest_schema()
+    parts = f"{staging}/{PARTS_DIR}"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(manifest, schema) as writer, skipped.open("w") as side:
+        side.write("index\treason\tpath\tdetail\n")
+        for i, name in enumerate(totals.source.unsafe):
+            where = f"{totals.source.location}!{name}"
+            side.write(f"{len(totals.source.names) + i}\t{UNSAFE_NAME}\t{where}\t"
+                       "a member name that leaves the archive\n")
+        for shard in totals.ordered():
+            if shard.samples:
+                with fs.open(f"{parts}/{shard.name}.parquet", "rb") as stream:
+                    writer.write_table(pq.read_table(stream, schema=schema))
+            if shard.samples < shard.listed:
+                with fs.open(f"{parts}/{shard.name}.skipped.tsv", "rb") as stream:
+                    side.write(stream.read().decode())
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -329,36 +285,96 @@ def run(cfg: Config, layout: Layout) -> DatasetStats:
     return prepare_dataset(cfg.data, layout)
 
 
+def _fs(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _bad_image_error(first_bad: tuple[int, str, str, str]) -> UserError:
+    _, path, reason, detail = first_bad
+    detail = f" ({detail})" if detail else ""
+    return UserError(f"{path}: bad image, {reason}{detail}; "
+                     "set data.on_bad_image=skip to skip and count such files")
+
+
+def _refuse_unsafe(cfg: DataConfig, source: Source) -> None:
+    if source.unsafe and cfg.on_bad_image == "error":
+        raise _bad_image_error((0, f"{source.location}!{source.unsafe[0]}", UNSAFE_NAME,
+                                "a member name that leaves the archive"))
+
+
+def _job(cfg: DataConfig, backend: str, source: Source, staging_url: str) -> ShardJob:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault and backend != "ray":
+        raise UserError(f"{FAULT_ENV} (a test's injected fault) needs data.backend=ray")
+    return ShardJob(source, cfg.image_size, cfg.channels, cfg.min_side_px,
+                    cfg.on_bad_image == "error", staging_url, fault)
+
+
+def _write_all(cfg: DataConfig, backend: str, job: ShardJob) -> Totals:
+    source = job.source
+    splits = split_assignments(source.labels or [None] * len(source.names), cfg.val_fraction,
+                               cfg.seed)
+    shard_count = sum(-(-len(v) // cfg.samples_per_shard) for v in splits.values())
+    totals = Totals(source)
+    bar = progress(total=len(source.names), desc=f"prepare ({backend})", unit="img")
+    summaries = _summaries(cfg, backend, job, shard_tasks(splits, cfg.samples_per_shard),
+                           shard_count)
+    try:
+        for summary in summaries:
+            totals.add(summary)
+            bar.update(summary.listed)
+            if totals.first_bad is not None:
+                raise _bad_image_error(totals.first_bad)
+    finally:
+        close = getattr(summaries, "close", None)
+        if close is not None:
+            close()  # stops the pool or cancels the Ray tasks still running
+        bar.close()
+    return totals
+
+
 def prepare_dataset(cfg: DataConfig, layout: Layout) -> DatasetStats:
-    """Run `prepare`: shards, `data/manifest.parquet` and `data/stats.json` under the layout.
+    """Run `prepare`: shards under `data.shards_dir`, `data/manifest.parquet`,
+    `data/skipped.tsv` and `data/stats.json` under the layout.
 
     Raises `UserError` for a missing source, a source without any valid image, or (with
-    `on_bad_image: error`) the first bad image. Old outputs are replaced only on success.
+    `on_bad_image: error`) a bad image. Old outputs are replaced only on success.
     """
-    source = open_source(cfg.source)
-    log.info("%s: %d images (%s)", cfg.source, len(source.names), source.kind)
-    outcomes = _decode_all(source, cfg)
-    good = [o for o in outcomes if o.image is not None]
-    if not good:
-        reasons = Counter(o.reason for o in outcomes)
-        summary = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-        raise UserError(
-            f"data.source {cfg.source}: no valid image among {len(outcomes)} ({summary})"
-        )
-    splits = split_assignments([o.label for o in good], cfg.val_fraction, cfg.seed)
-    class_index = {name: i for i, name in enumerate(source.class_names)}
-
-    shards_dir = layout.shards_dir
-    staging = shards_dir.with_name(shards_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    rows = _write_splits(good, splits, staging, cfg, class_index)
-    shard_hashes = {p.name: sha256_file(p) for p in sorted(staging.glob("*.tar"))}
-    stats = _stats(cfg, source, outcomes, good, splits, rows, shard_hashes)
-
-    shutil.rmtree(shards_dir, ignore_errors=True)
-    staging.rename(shards_dir)
-    _write_manifest(rows, layout.manifest)
+    backend = resolve_backend(cfg.backend)
+    out_url = layout.shards(cfg.shards_dir)
+    staging_url = out_url.rstrip("/") + ".partial"
+    fs, staging = _fs(staging_url)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        source = open_source(cfg.source, scratch=f"{staging_url}/_work")
+        log.info("%s: %d images (%s), backend %s", cfg.source, len(source.names), source.kind,
+                 backend)
+        _refuse_unsafe(cfg, source)
+        totals = _write_all(cfg, backend, _job(cfg, backend, source, staging_url))
+        if not totals.samples:
+            listed = len(source.names) + len(source.unsafe)
+            summary = ", ".join(f"{n} {r}" for r, n in sorted(totals.skipped.items()) if n)
+            raise UserError(f"data.source {cfg.source}: no valid image among {listed} ({summary})")
+        stats = _stats(cfg, totals)
+        manifest, skipped = (Path(f"{p}.partial") for p in (layout.manifest,
+                                                              layout.path(SKIPPED_FILE)))
+        _combine_parts(fs, staging, totals, manifest, skipped)
+    except BaseException:
+        fs.rm(staging, recursive=True)
+        raise
+    for leftover in (PARTS_DIR, "_work"):
+        if fs.exists(f"{staging}/{leftover}"):
+            fs.rm(f"{staging}/{leftover}", recursive=True)
+    _, out = _fs(out_url)
+    if fs.exists(out):
+        fs.rm(out, recursive=True)
+    fs.mv(staging, out, recursive=True)
+    manifest.replace(layout.manifest)
+    skipped.replace(layout.path(SKIPPED_FILE))
     stats.save(layout)
     log.info(
         "wrote %d train + %d val samples in %d shards; skipped %d",
