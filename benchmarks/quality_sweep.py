@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,14 @@ class Sweep(training.TrainLoop):
     """The product's loop, measuring the last weights and several averages each epoch."""
 
     def __init__(self, *args: Any, averages: dict[str, tuple[int, float]], probe: QualityProbe,
-                 name: str, d_norm: str = "batch", **kwargs: Any) -> None:
+                 name: str, d_norm: str = "batch", lr_decay: str = "none",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.lr_decay = lr_decay
         if d_norm == "spectral":
             self._spectral_discriminator()
+        self.base_lrs = [(group, group["lr"]) for opt in (self.opt_g, self.opt_d)
+                         for group in opt.param_groups]
         self.sweep_probe, self.name = probe, name
         self.averages = {label: RampedEma(training.unwrap(self.generator), half_life,
                                           self.global_batch, rampup)
@@ -99,7 +104,21 @@ class Sweep(training.TrainLoop):
         self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=train.lr_d,
                                       betas=(train.beta1, train.beta2))
 
+    def _lr_factor(self) -> float:
+        """An experiment: `linear:F` holds lr until fraction F of the run, then to 0;
+        `cosine` follows a half cosine from 1 to 0 over the run."""
+        progress = self.step / self.total_steps
+        if self.lr_decay.startswith("linear:"):
+            hold = float(self.lr_decay.split(":")[1])
+            return 1.0 if progress < hold else (1.0 - progress) / (1.0 - hold)
+        if self.lr_decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
     def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
+        factor = self._lr_factor()
+        for group, base in self.base_lrs:
+            group["lr"] = base * factor
         super()._step(real, noise)
         for average in self.averages.values():
             average.update(training.unwrap(self.generator), self.step * self.global_batch)
@@ -130,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--d-norm", choices=("batch", "spectral"), default="batch",
                         help="an experiment: spectral normalisation in D instead of BatchNorm")
+    parser.add_argument("--lr-decay", default="none",
+                        help="an experiment: none | linear:F (hold to fraction F) | cosine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layout = Layout(REPO_ROOT)
@@ -144,7 +165,8 @@ def main() -> None:
                 for spec in args.averages.split(",")}
     env = training.LoopEnv(0, 1, torch.device("cpu"), steps)
     sweep = Sweep(cfg, env, SilentHooks(), averages=averages, name=args.name,
-                  probe=QualityProbe(reference, torch.device("cpu")), d_norm=args.d_norm)
+                  probe=QualityProbe(reference, torch.device("cpu")), d_norm=args.d_norm,
+                  lr_decay=args.lr_decay)
     sweep.run(training_batches(
         shard_urls("train", layout.shards(cfg.train.shards)), cache="host",
         split_shape=(train_count, stats.channels, stats.image_size, stats.image_size),

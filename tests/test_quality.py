@@ -15,10 +15,10 @@ from torch import nn
 from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import ClassifierConfig
 from pipeline.core.errors import UserError
-from pipeline.core.records import Evaluation
+from pipeline.core.records import Evaluation, QualitySummary
 from pipeline.evaluate import mlflow_log
 from pipeline.evaluate.classifier import below_min_policy, gate
-from pipeline.metrics.probe import QualityProbe, QualityReference, summarise
+from pipeline.metrics.probe import QualityProbe, QualityReference
 from pipeline.models.classifier import ClassifierSpec, DomainClassifier
 from pipeline.models.dcgan import GeneratorSpec, build_generator
 from pipeline.train import loop as training
@@ -190,14 +190,15 @@ def test_rank_0_measures_quality_alone_while_the_other_ranks_wait():
 def test_a_run_that_got_worse_at_the_end_says_so():
     rows = [{"step": s, "images_seen": 10 * s, "fid_classifier": f}
             for s, f in ((1, 90.0), (2, 30.0), (3, 40.0))]
-    summary = summarise(rows)
+    summary = QualitySummary.of_rows(rows)
     assert summary is not None
     assert (summary.best_step, summary.best_fid_classifier) == (2, 30.0)
     assert summary.worse_at_end and "WORSE AT THE END (40.00)" in summary.words()
-    steady = summarise([*rows[:2], {"step": 3, "images_seen": 30, "fid_classifier": 31.0}])
+    steady = QualitySummary.of_rows(
+        [*rows[:2], {"step": 3, "images_seen": 30, "fid_classifier": 31.0}])
     assert steady is not None and not steady.worse_at_end
     assert steady.words() == "best in-training FID 30.00 at 20 images"
-    assert summarise([]) is None
+    assert QualitySummary.of_rows([]) is None
 
 
 # --- the classifier gate ------------------------------------------------------------------------

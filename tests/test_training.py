@@ -20,6 +20,7 @@ from devtools.gloo import run_gloo_ranks
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
+from pipeline.core.records import TrainRun
 from pipeline.models.dcgan import Generator, GeneratorSpec, build_generator
 from pipeline.train import checkpoints, shm_allreduce
 from pipeline.train import loop as training
@@ -222,9 +223,10 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
     with (out / "reports/train_quality.csv").open() as handle:
         quality = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in quality] == [35, 70]
-    assert record["quality_final_fid_classifier"] == pytest.approx(
+    assert record["quality"]["final_fid_classifier"] == pytest.approx(
         float(quality[-1]["fid_classifier"]))
-    assert record["quality_best_step"] in (35, 70) and record["quality_skipped_reason"] is None
+    assert record["quality"]["best_step"] in (35, 70) and record["quality_skipped_reason"] is None
+    assert TrainRun.from_dict(record).to_dict() == record  # the nested summary round-trips
     spec = json.loads((out / "models/generator.json").read_text())
     generator = Generator(**spec["spec"])
     generator.load_state_dict(torch.load(out / "models/generator.pt", weights_only=True))

@@ -141,6 +141,11 @@ class TrainConfig:
     ema_half_life_images: int = param(
         10_000, at_least(0), "half-life of the generator's weight average (images); 0 = off"
     )
+    r1_gamma: float = param(
+        0.0, between(0.0, 1000.0),
+        "weight of the R1 penalty gamma/2 E||grad D(real)||^2 (lazy, see r1_every_steps); 0 = off",
+    )
+    r1_every_steps: int = param(16, at_least(1), "steps between R1 updates of D (lazy)")
     eval_every_images: int = param(
         18_000, at_least(0), "images between in-training quality checks; 0 = every epoch"
     )

@@ -221,6 +221,50 @@ class ClassifierRecord(Record):
         return {"val_accuracy": self.val_accuracy}  # None (null) when skipped
 
 
+# A final FID this much above the run's best counts as "got worse at the end": about twice the
+# seed-to-seed spread of the in-training FID measured on mnist5k (BENCHMARKS.md, "Time to
+# quality").
+WORSE_AT_END_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class QualitySummary:
+    """Where a run's quality while training was best, its last value, and whether it got worse
+    by the end (the `quality` of `TrainRun`)."""
+
+    best_step: int
+    best_images_seen: int
+    best_fid_classifier: float
+    final_fid_classifier: float
+    worse_at_end: bool
+
+    @classmethod
+    def of_rows(cls, rows: list[dict[str, Any]]) -> QualitySummary | None:
+        """The summary of a run's quality rows (None when none were measured)."""
+        if not rows:
+            return None
+        best = min(rows, key=lambda row: row["fid_classifier"])
+        best_fid, final_fid = float(best["fid_classifier"]), float(rows[-1]["fid_classifier"])
+        return cls(int(best["step"]), int(best["images_seen"]), best_fid, final_fid,
+                   worse_at_end=final_fid > best_fid * (1 + WORSE_AT_END_FRACTION))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QualitySummary:
+        """Rebuild from `dataclasses.asdict` output; TypeError on a missing key."""
+        if not isinstance(values, dict):
+            raise TypeError("quality: expected a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def words(self) -> str:
+        """One phrase for a run's description and log."""
+        best = (f"best in-training FID {self.best_fid_classifier:.2f} at "
+                f"{self.best_images_seen:,} images")
+        if self.worse_at_end:
+            return f"{best}; WORSE AT THE END ({self.final_fid_classifier:.2f})"
+        return best
+
+
 @dataclass(frozen=True)
 class TrainRun(Record):
     """reports/train_run.json, written by `train`: where the run lives and how it went."""
@@ -249,15 +293,18 @@ class TrainRun(Record):
     mean_images_per_s: float | None = None
     dataset_sha256: str | None = None  # the data it trained on (data/stats.json)
     ray_job_submission_id: str | None = None  # when run by `ray job submit`
-    # Quality while training (reports/train_quality.csv): where it was best, the last value,
-    # rank 0's seconds spent measuring it, or why it was not measured.
-    quality_best_step: int | None = None
-    quality_best_images_seen: int | None = None
-    quality_best_fid_classifier: float | None = None
-    quality_final_fid_classifier: float | None = None
-    quality_worse_at_end: bool | None = None
+    # Quality while training (reports/train_quality.csv): its summary, rank 0's seconds spent
+    # measuring it, or why it was not measured.
+    quality: QualitySummary | None = None
     quality_s: float | None = None
     quality_skipped_reason: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        quality = values.get("quality") if isinstance(values, dict) else None
+        if quality is not None:
+            values = {**values, "quality": QualitySummary.from_dict(quality)}
+        return super().from_dict(values)
 
     def metrics(self) -> dict[str, Any]:
         return {"steps": self.steps, "images_per_s": round(self.mean_images_per_s or 0.0, 1),

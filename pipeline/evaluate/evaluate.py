@@ -35,7 +35,6 @@ from pipeline.data.pixels import quantize, to_signed
 from pipeline.data.reader import shard_urls
 from pipeline.evaluate import mlflow_log
 from pipeline.metrics import distances, features
-from pipeline.metrics.probe import QualitySummary
 from pipeline.models.dcgan import Generator, GeneratorSpec, latent_noise, load_generator
 
 log = logging.getLogger(__name__)
@@ -176,23 +175,74 @@ def _has_split(split: str, where: str) -> bool:
     return True
 
 
-def quality_words(train_run: TrainRun) -> str | None:
-    """What the run's quality while training says (best point, worse at the end), if
-    measured."""
-    if train_run.quality_best_fid_classifier is None:
-        return None
-    return QualitySummary(
-        train_run.quality_best_step or 0, train_run.quality_best_images_seen or 0,
-        train_run.quality_best_fid_classifier, train_run.quality_final_fid_classifier or 0.0,
-    ).words()
-
-
 def _features_of(images: torch.Tensor, extractor: features.FeatureExtractor, batch_size: int,
                  device: torch.device, what: str) -> torch.Tensor:
     """The extractor's features of generated `images`, in batches."""
     found, _ = features.extract(extractor.module, torch.split(images, batch_size), device,
                                 desc=f"{extractor.name} features of {what}")
     return found
+
+
+@dataclass(frozen=True)
+class _DistanceScores:
+    """FID/KID against the real features (and their floors), or why none were measured."""
+
+    scores: dict[str, float]
+    extractor_sha256: str | None = None
+    skipped_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _ClassScores:
+    """Class coverage of the samples by the domain classifier, or why none was measured."""
+
+    scores: dict[str, float]
+    histogram: list[int] | None = None
+    mode_collapse: bool | None = None
+    skipped_reason: str | None = None
+
+
+def _measure_distances(
+    extractor_name: str | None, why: str, classifier: features.FeatureExtractor | None,
+    z: torch.Tensor, fake: torch.Tensor, generator_record: GeneratorRecord, stats: DatasetStats,
+    plan: SampleCounts, cfg: Config, layout: Layout, device: torch.device,
+) -> _DistanceScores:
+    """FID/KID of the samples `fake` of noise `z` (and of the last weights' samples of the same
+    noise, when kept) with the chosen extractor; `why` is the reason when there is none."""
+    if extractor_name is None:
+        log.warning("%s", why)
+        return _DistanceScores({}, skipped_reason=why)
+    extractor = (classifier if extractor_name == "classifier" and classifier
+                 else features.build_extractor(extractor_name, cfg.eval, layout))
+    where = layout.shards(cfg.train.shards)
+    common = (extractor, stats, where, cfg.eval.batch_size, device, layout.feature_cache_dir)
+    train_features = features.real_features("train", plan.num_real_samples, *common)
+    val_features = (features.real_features("val", plan.floor_num_samples, *common)
+                    if plan.floor_num_samples >= 2 else None)
+    fake_features = _features_of(fake, extractor, cfg.eval.batch_size, device, "samples")
+    scores = _distances(extractor.name, fake_features, train_features, val_features, plan,
+                        cfg.eval.seed)
+    raw_generator = load_raw_generator(layout, generator_record)
+    if raw_generator is not None:  # the weight average's gain over the last weights
+        raw_fake = quantize(generate(raw_generator, z, cfg.eval.batch_size, device))
+        raw_features = _features_of(raw_fake, extractor, cfg.eval.batch_size, device,
+                                    "the last weights' samples")
+        scores[f"fid_{extractor.name}_raw"] = distances.frechet_distance(train_features,
+                                                                         raw_features)
+    return _DistanceScores(scores, extractor_sha256=extractor.sha256)
+
+
+def _measure_classes(classifier: features.FeatureExtractor | None, fake: torch.Tensor,
+                     num_classes: int, cfg: Config, device: torch.device) -> _ClassScores:
+    """Classifier score and class coverage of the samples; a mode collapse is logged."""
+    if classifier is None:
+        return _ClassScores({}, skipped_reason="no domain classifier (unlabelled data)")
+    scores = _class_metrics(classifier, fake, num_classes, cfg, device)
+    histogram, collapse = scores.pop("class_histogram"), scores.pop("mode_collapse")
+    if collapse:
+        log.warning("MODE COLLAPSE: samples hit %d of %d classes (histogram %s)",
+                    scores["classes_hit"], num_classes, histogram)
+    return _ClassScores(scores, histogram=histogram, mode_collapse=collapse)
 
 
 def run(cfg: Config, layout: Layout) -> Evaluation:
@@ -224,52 +274,26 @@ def run(cfg: Config, layout: Layout) -> Evaluation:
     fake = quantize(generate(generator, z, cfg.eval.batch_size, device))
     grids = _grids(fake, generator, spec.nz, cfg, layout, device)
 
-    scores: dict[str, float] = {}
-    details: dict[str, Any] = {}
     classifier = (features.build_extractor("classifier", cfg.eval, layout)
                   if has_classifier else None)
-    if extractor_name is None:
-        details["fid_skipped_reason"] = why
-        log.warning("%s", why)
-    else:
-        extractor = (classifier if extractor_name == "classifier" and classifier
-                     else features.build_extractor(extractor_name, cfg.eval, layout))
-        details["feature_extractor_sha256"] = extractor.sha256
-        common = (extractor, stats, where, cfg.eval.batch_size, device, layout.feature_cache_dir)
-        train_features = features.real_features("train", plan.num_real_samples, *common)
-        val_features = (features.real_features("val", plan.floor_num_samples, *common)
-                        if plan.floor_num_samples >= 2 else None)
-        fake_features = _features_of(fake, extractor, cfg.eval.batch_size, device, "samples")
-        scores.update(_distances(extractor.name, fake_features, train_features, val_features,
-                                 plan, cfg.eval.seed))
-        raw_generator = load_raw_generator(layout, generator_record)
-        if raw_generator is not None:  # the weight average's gain over the last weights
-            raw_fake = quantize(generate(raw_generator, z, cfg.eval.batch_size, device))
-            raw_features = _features_of(raw_fake, extractor, cfg.eval.batch_size, device,
-                                        "the last weights' samples")
-            scores[f"fid_{extractor.name}_raw"] = distances.frechet_distance(train_features,
-                                                                             raw_features)
-    if classifier is not None:
-        class_metrics = _class_metrics(classifier, fake, stats.num_classes or 0, cfg, device)
-        details["class_histogram"] = class_metrics.pop("class_histogram")
-        details["mode_collapse"] = class_metrics.pop("mode_collapse")
-        scores.update(class_metrics)
-        if details["mode_collapse"]:
-            log.warning("MODE COLLAPSE: samples hit %d of %d classes (histogram %s)",
-                        class_metrics["classes_hit"], stats.num_classes,
-                        details["class_histogram"])
-    else:
-        details["class_metrics_skipped_reason"] = "no domain classifier (unlabelled data)"
-
-    if classifier is not None and classifier_record is not None:
-        details["weak_classifier_reason"] = classifier_record.weak_reason
-    record = Evaluation(feature_extractor=extractor_name or "none", **asdict(plan),
-                        generator_steps=generator_record.steps, scores=scores, **details)
+    fid = _measure_distances(extractor_name, why, classifier, z, fake, generator_record, stats,
+                             plan, cfg, layout, device)
+    classes = _measure_classes(classifier, fake, stats.num_classes or 0, cfg, device)
+    record = Evaluation(
+        feature_extractor=extractor_name or "none", **asdict(plan),
+        generator_steps=generator_record.steps, scores={**fid.scores, **classes.scores},
+        feature_extractor_sha256=fid.extractor_sha256, fid_skipped_reason=fid.skipped_reason,
+        class_histogram=classes.histogram, mode_collapse=classes.mode_collapse,
+        class_metrics_skipped_reason=classes.skipped_reason,
+        weak_classifier_reason=classifier_record.weak_reason
+        if classifier is not None and classifier_record is not None else None,
+    )
     record_path = record.save(layout)
     samples, interpolation, reals = grids
     mlflow_log.log_evaluation(
         tracking_uri, train_run.mlflow_run_id, record, step=generator_record.images_seen,
-        quality=quality_words(train_run), root_images=[samples, interpolation],
+        quality=train_run.quality.words() if train_run.quality else None,
+        root_images=[samples, interpolation],
         files=[reals, record_path, layout.metrics(Evaluation.STAGE)],
     )
     return record

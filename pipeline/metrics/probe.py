@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 QUALITY_COLUMNS = ("step", "epoch", "images_seen", "fid_classifier", "class_coverage",
                    "classes_hit")
 REAL_BATCH_SIZE = 250  # batch of the one-off real feature extraction (no effect on results)
-# A final FID this much above the run's best counts as "got worse at the end": about twice the
-# seed-to-seed spread of the in-training FID measured on mnist5k (BENCHMARKS.md, "Time to
-# quality").
-WORSE_AT_END_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -99,35 +95,3 @@ class QualityProbe:
                                             min_coverage=0.0)
         return {"fid_classifier": fid, "class_coverage": coverage["class_coverage"],
                 "classes_hit": coverage["classes_hit"]}
-
-
-@dataclass(frozen=True)
-class QualitySummary:
-    """Where a run's quality was best, and whether it got worse by the end."""
-
-    best_step: int
-    best_images_seen: int
-    best_fid_classifier: float
-    final_fid_classifier: float
-
-    @property
-    def worse_at_end(self) -> bool:
-        """The final FID is more than WORSE_AT_END_FRACTION above the best."""
-        return self.final_fid_classifier > self.best_fid_classifier * (1 + WORSE_AT_END_FRACTION)
-
-    def words(self) -> str:
-        """One phrase for a run's description and log."""
-        best = (f"best in-training FID {self.best_fid_classifier:.2f} at "
-                f"{self.best_images_seen:,} images")
-        if self.worse_at_end:
-            return f"{best}; WORSE AT THE END ({self.final_fid_classifier:.2f})"
-        return best
-
-
-def summarise(rows: list[dict[str, Any]]) -> QualitySummary | None:
-    """The summary of a run's quality rows (None when none were measured)."""
-    if not rows:
-        return None
-    best = min(rows, key=lambda row: row["fid_classifier"])
-    return QualitySummary(int(best["step"]), int(best["images_seen"]),
-                          float(best["fid_classifier"]), float(rows[-1]["fid_classifier"]))

@@ -31,11 +31,10 @@ from pipeline.core.config import Config
 from pipeline.data.pixels import to_signed, to_uint8
 from pipeline.metrics.probe import QualityProbe
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
-from pipeline.train import augment, captured, checkpoints
+from pipeline.train import augment, captured, checkpoints, sync_bn
 from pipeline.train.collectives import all_gather, all_gather_hex
 from pipeline.train.ema import GeneratorEma
 from pipeline.train.shm_allreduce import register_ddp_hook, use_shared_memory
-from pipeline.train.sync_bn import convert_sync_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +192,8 @@ class TrainLoop:
         use_shared_memory(train.cpu_allreduce == "auto")
         if train.sync_batchnorm and env.world_size > 1:
             # Before DDP wrapping: DDP must see the final modules.
-            generator = convert_sync_batchnorm(generator, env.device)
-            discriminator = convert_sync_batchnorm(discriminator, env.device)
+            generator = sync_bn.convert_sync_batchnorm(generator, env.device)
+            discriminator = sync_bn.convert_sync_batchnorm(discriminator, env.device)
         self.generator = hooks.wrap_model(generator)
         self.discriminator = hooks.wrap_model(discriminator)
         if env.device.type == "cpu" and env.world_size > 1:
@@ -350,14 +349,34 @@ class TrainLoop:
     def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
         """One step the chosen way (a replay of the captured graph, or `train_step`), then
         the weight average's update, outside any graph."""
+        draws = self._draw()
         if self.captured_step is None:
-            self.train_step(real, noise)
+            self.train_step(real, noise, draws=draws)
         else:
             self.step += 1
-            self.captured_step(real, noise, self.step, self._draw())
+            self.captured_step(real, noise, self.step, draws)
+        if self.cfg.train.r1_gamma and self.step % self.cfg.train.r1_every_steps == 0:
+            self._r1_step(real, draws)
         self._adjust_augment()
         if self.ema is not None:
             self.ema.update(unwrap(self.generator), self.step * self.global_batch)
+
+    def _r1_step(self, real: torch.Tensor, draws: torch.Tensor) -> None:
+        """Lazy R1 (Mescheder et al. 2018, StyleGAN2's lazy regularisation): one more D update
+        on gamma/2 E||grad_x D(x)||^2 of the step's reals as D saw them, weighted by the
+        interval. Eager and fp32, also between captured replays; D's BatchNorms normalise as
+        in training, differentiably twice (`sync_bn.differentiable_twice`)."""
+        train = self.cfg.train
+        self.opt_d.zero_grad(set_to_none=True)
+        seen = self._augmented(real, draws, 0).detach().requires_grad_(True)
+        with sync_bn.differentiable_twice(self.discriminator):
+            logits = self.discriminator(seen)
+        (grad,) = torch.autograd.grad(logits.sum(), seen, create_graph=True)
+        penalty = grad.square().flatten(1).sum(1)
+        # `logits * 0`: every parameter of D takes part, as DDP's reducer expects of a backward.
+        gain = train.r1_gamma / 2 * train.r1_every_steps
+        (penalty * gain + logits * 0).mean().backward()
+        self.opt_d.step()
 
     def train_step(
         self, real: torch.Tensor, noise: torch.Tensor, step: torch.Tensor | None = None,

@@ -11,10 +11,13 @@ batch. Both run on BatchNorm's fused CPU kernels: a graph of autograd-aware all-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -194,6 +197,46 @@ class CpuSyncBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(
             unbiased_var.to(self.running_var.dtype), alpha=factor
         )
+
+
+def _twice_differentiable_forward(norm: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """Training-mode `norm` (statistics of every rank's batch, when it synchronises) that
+    autograd can differentiate twice, running statistics untouched."""
+    if not (isinstance(norm, CpuSyncBatchNorm | nn.SyncBatchNorm)
+            and _is_synchronized(norm.process_group)):
+        return nn.functional.batch_norm(input, None, None, norm.weight, norm.bias, training=True,
+                                        eps=norm.eps)
+    # Autograd-aware all-reduces and elementwise ops: slower than the fused function, which
+    # is differentiable once only. Sums in float64 (E[x^2] - E[x]^2 loses digits otherwise).
+    x = input.double()
+    dims = [0, *range(2, x.dim())]
+    group = norm.process_group or dist.group.WORLD
+    count = x.new_full((1,), x.numel() // x.size(1))
+    dist.all_reduce(count, group=group)
+    totals = dist_nn.all_reduce(torch.cat([x.sum(dims), x.square().sum(dims)]), group=group)
+    mean, mean_square = (totals / count).chunk(2)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    x_hat = (x - mean.view(shape)) * torch.rsqrt((mean_square - mean * mean).clamp_min(0.0)
+                                                 .add(norm.eps).view(shape))
+    if norm.weight is not None:
+        x_hat = x_hat * norm.weight.view(shape) + norm.bias.view(shape)
+    return x_hat.to(input.dtype)
+
+
+@contextlib.contextmanager
+def differentiable_twice(model: nn.Module) -> Iterator[None]:
+    """Inside, every BatchNorm of `model` normalises as in training (with the global batch's
+    statistics when it synchronises) in a way autograd can differentiate twice, and leaves its
+    running statistics alone: what a gradient penalty needs (the fused backward of
+    `CpuSyncBatchNorm` and of torch's SyncBatchNorm is differentiable once)."""
+    norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
+    for norm in norms:  # an instance attribute shadows the class's forward
+        norm.forward = functools.partial(_twice_differentiable_forward, norm)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
 
 
 def _replace_batchnorms(

@@ -17,10 +17,10 @@ from pipeline.core.config import Config
 from pipeline.core.errors import InterruptError, UserError
 from pipeline.core.files import sha256_file
 from pipeline.core.layout import Layout
-from pipeline.core.records import GeneratorRecord, TrainRun
+from pipeline.core.records import GeneratorRecord, QualitySummary, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
-from pipeline.metrics.probe import QUALITY_COLUMNS, summarise
+from pipeline.metrics.probe import QUALITY_COLUMNS
 from pipeline.train import checkpoints, connect, mlflow_run, ray_runner, resume, tracking_buffer
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import TrainPlan, check_inputs, make_plan, spill_dir, storage_path
@@ -179,7 +179,7 @@ def run(cfg: Config, layout: Layout) -> TrainRun:
     generator = write_outputs(state, layout)
     elapsed_s = time.perf_counter() - started
     rows = state["log_rows"]
-    quality = summarise(state["quality_rows"])
+    quality = QualitySummary.of_rows(state["quality_rows"])
     record = TrainRun(
         mlflow_run_id=run_id,
         mlflow_experiment_id=experiment_id,
@@ -202,11 +202,7 @@ def run(cfg: Config, layout: Layout) -> TrainRun:
         mean_images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
         dataset_sha256=plan.dataset_sha256,
         ray_job_submission_id=job,
-        quality_best_step=quality.best_step if quality else None,
-        quality_best_images_seen=quality.best_images_seen if quality else None,
-        quality_best_fid_classifier=quality.best_fid_classifier if quality else None,
-        quality_final_fid_classifier=quality.final_fid_classifier if quality else None,
-        quality_worse_at_end=quality.worse_at_end if quality else None,
+        quality=quality,
         quality_s=round(outcome.quality_s, 1),
         quality_skipped_reason=None if plan.quality else plan.quality_reason,
     )
