@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from devtools.gloo import free_port
+from pipeline.core.connect import check_head, job_logs_command, submission_id
 from pipeline.core.errors import UserError
-from pipeline.train.connect import check_head, job_logs_command, submission_id
 
 
 def test_no_head_at_the_address_is_one_line():
@@ -53,7 +53,7 @@ def test_every_failed_probe_is_a_row_of_the_troubleshooting_table(code, details,
     import grpc
     from readme_helpers import assert_in_troubleshooting
 
-    from pipeline.train.connect import _probe_failure
+    from pipeline.core.connect import _probe_failure
 
     line = _probe_failure("192.0.2.2:6379", getattr(grpc.StatusCode, code), details, sent_token)
     assert line is not None

@@ -10,10 +10,10 @@ imported here only: the rest of `prepare` (and anything that imports it) runs wi
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
+from pipeline.core.connect import connect_ray
 from pipeline.core.errors import UserError
 from pipeline.data.shard_writer import ShardJob, ShardSummary, ShardTask, write_shard_task
 
@@ -21,30 +21,12 @@ log = logging.getLogger(__name__)
 
 TASK_RETRIES = 3  # per task, on a lost worker or a storage error
 TASKS_IN_FLIGHT_PER_CPU = 2
-_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for its entrypoint
-
-
-def join_ray() -> Any:
-    """The `ray` module, joined to the cluster of RAY_ADDRESS or of the enclosing `ray job`
-    (else a Ray started here), unless this process already joined one."""
-    import ray
-
-    if not ray.is_initialized():
-        in_job = _JOB_ENV in os.environ and not os.environ.get("RAY_ADDRESS")
-        try:
-            ray.init(address="auto" if in_job else None, log_to_driver=False)
-        except (ConnectionError, ValueError) as err:
-            where = os.environ.get("RAY_ADDRESS") or "auto"
-            raise UserError(f"data.backend ray: cannot join the Ray cluster at {where} "
-                            f"({str(err).strip().splitlines()[0] if str(err).strip() else err})"
-                            ) from None
-    return ray
 
 
 def run_on_ray(job: ShardJob, tasks: Iterator[ShardTask]) -> Iterator[ShardSummary]:
     """Summaries of `tasks` run as Ray tasks, in completion order; on exit (an error, or the
     caller closing this generator) the tasks still running are cancelled."""
-    ray = join_ray()
+    ray = connect_ray(log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES,
                         retry_exceptions=[OSError])(write_shard_task)
     job_ref = ray.put(job)

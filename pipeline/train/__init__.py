@@ -2,7 +2,7 @@
 
 `train`: the `train` stage (preflight, the MLflow run, the Ray Train run, the outputs).
 `preflight`: the checks that need no worker. `resume`: which interrupted run a stage
-continues. `connect`: joining a Ray cluster as the driver. `ray_runner`: the one module that
+continues. `ray_runner`: the one module that
 calls `ray.train`. `loop`: one rank's training loop (pure torch). `captured`: the step as one
 CUDA graph. `augment`: differentiable augmentation of what D sees. `ema`: the generator's
 weight average. `sync_bn`: SyncBatchNorm for every device. `collectives` and

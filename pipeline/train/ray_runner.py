@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from pipeline.core.config import Config
+from pipeline.core.connect import connect_ray, job_logs_command
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
 from pipeline.metrics.probe import QualityProbe
 from pipeline.train import checkpoints, mlflow_run, resume
 from pipeline.train.collectives import all_gather_hex, no_forward_buffer_sync
-from pipeline.train.connect import connect_ray, job_logs_command
 from pipeline.train.loop import LoopEnv, LoopResult, TrainLoop
 from pipeline.train.preflight import (
     NodeResources,

@@ -1,5 +1,5 @@
-"""Joining Ray as the driver: the cluster of `RAY_ADDRESS`, the one of `ray job submit`, or a
-Ray started here.
+"""Joining Ray as the driver (of training, or of prepare's shard tasks): the cluster of
+`RAY_ADDRESS`, the one of `ray job submit`, or a Ray started here.
 
 Before `ray.init` joins the cluster of `RAY_ADDRESS`, one gRPC call to its head (the call
 `ray.init` starts with) tells a wrong address or a missing or wrong token apart at once:
@@ -42,9 +42,10 @@ def job_logs_command() -> str | None:
     return f"ray job logs {job} --address {dashboard}"
 
 
-def connect_ray() -> Any:
+def connect_ray(log_to_driver: bool = True) -> Any:
     """Join the cluster of `RAY_ADDRESS` or of `ray job submit`, else start Ray here; return the
-    `ray` module. A head that cannot be joined is a UserError."""
+    `ray` module. A head that cannot be joined is a UserError. `log_to_driver=False`: the
+    tasks' output stays in the cluster's logs (prepare's tasks print nothing worth streaming)."""
     import ray
 
     if ray.is_initialized():
@@ -56,7 +57,8 @@ def connect_ray() -> Any:
     try:
         # ray.init() reads RAY_ADDRESS itself; without it, it starts a local cluster (with its
         # dashboard: Ray Train's placement-group cleaner polls the state API it serves).
-        context = ray.init(address="auto" if in_job and not address else None)
+        context = ray.init(address="auto" if in_job and not address else None,
+                           log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as err:  # ValueError: an address ray.init refuses
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot join the Ray cluster at {address or 'auto'}: {reason}") from None
