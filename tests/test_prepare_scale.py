@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -125,6 +126,22 @@ def test_a_ray_task_that_dies_is_retried(ray_cluster, folder, one_process, tmp_p
     monkeypatch.setenv(FAULT_ENV, "train-000001.tar")
     prepare_dataset(data_cfg(folder, backend="ray"), Layout(tmp_path))
     assert outputs(tmp_path) == outputs(one_process)
+    assert retried_task_attempts("write_shard_task"), "the injected fault never fired"
+
+
+def retried_task_attempts(function: str, timeout_s: float = 60.0) -> list[int]:
+    """Attempt numbers above 0 of `function`'s Ray tasks, from the state API (task events
+    arrive with a delay: polled, bounded)."""
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        attempts = [task.attempt_number for task in list_tasks(
+            filters=[("func_or_class_name", "=", function)], limit=10_000,
+            raise_on_missing_output=False) if task.attempt_number > 0]
+        if attempts or time.monotonic() > deadline:
+            return attempts
+        time.sleep(1.0)
 
 
 _TWO_NODES = textwrap.dedent("""

@@ -49,7 +49,7 @@ def test_r1_steps_lower_the_gradient_of_d_at_reals():
 
 def test_r1_runs_every_n_steps_only():
     common = ("train.epochs=1", "train.checkpoint_every_steps=100")
-    off, _ = train(tiny_config(*common))
+    off, _ = train(tiny_config(*common, "train.r1_gamma=0"))
     lazy, _ = train(tiny_config(*common, "train.r1_gamma=1", "train.r1_every_steps=7"))
     assert digest(lazy) == digest(off)  # 6 steps: never at a multiple of 7
     every_3, _ = train(tiny_config(*common, "train.r1_gamma=1", "train.r1_every_steps=3"))
@@ -67,8 +67,7 @@ def test_a_resumed_run_with_r1_ends_bit_identical_to_an_uninterrupted_one():
 
 def _r1_gradients(rank: int, world_size: int, real: torch.Tensor) -> dict:
     """One R1 update of D on this rank's share of `real`: D's gradients and weights after."""
-    cfg = tiny_config("train.r1_gamma=1", "train.cpu_allreduce=gloo",
-                      f"train.batch_size={len(real) // world_size}")
+    cfg = tiny_config("train.r1_gamma=1", f"train.batch_size={len(real) // world_size}")
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), STEPS_PER_EPOCH)
     loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
     share = real.chunk(world_size)[rank]

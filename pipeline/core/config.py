@@ -132,7 +132,7 @@ class TrainConfig:
         0, at_least(0), "CPUs (torch threads) per worker; 0 = auto: its node's share"
     )
     batch_size: int = param(64, at_least(1), "images per worker per step")
-    epochs: int = param(50, at_least(1), "passes over the train split (global batch)")
+    epochs: int = param(80, at_least(1), "passes over the train split (global batch)")
     lr_g: float = param(2e-3, between(0.0, 1.0, low_open=True), "Adam lr of the generator")
     lr_d: float = param(2e-3, between(0.0, 1.0, low_open=True), "Adam lr of the discriminator")
     beta1: float = param(0.5, between(0.0, 1.0, high_open=True), "Adam beta1")
@@ -142,7 +142,7 @@ class TrainConfig:
         10_000, at_least(0), "half-life of the generator's weight average (images); 0 = off"
     )
     r1_gamma: float = param(
-        0.0, between(0.0, 1000.0),
+        0.1, between(0.0, 1000.0),
         "weight of the R1 penalty gamma/2 E||grad D(real)||^2 (lazy, see r1_every_steps); 0 = off",
     )
     r1_every_steps: int = param(16, at_least(1), "steps between R1 updates of D (lazy)")
