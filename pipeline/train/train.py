@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core import tracking
+from pipeline.core import connect, tracking
 from pipeline.core.config import Config
 from pipeline.core.errors import InterruptError, UserError
 from pipeline.core.files import sha256_file
@@ -21,7 +21,7 @@ from pipeline.core.records import GeneratorRecord, QualitySummary, TrainRun
 from pipeline.data.grids import save_grid
 from pipeline.data.pixels import to_signed
 from pipeline.metrics.probe import QUALITY_COLUMNS
-from pipeline.train import checkpoints, connect, mlflow_run, ray_runner, resume, tracking_buffer
+from pipeline.train import checkpoints, mlflow_run, ray_runner, resume, tracking_buffer
 from pipeline.train.loop import LOG_COLUMNS
 from pipeline.train.preflight import TrainPlan, check_inputs, make_plan, spill_dir, storage_path
 
