@@ -88,7 +88,9 @@ def gpu_config(*overrides: str) -> Config:
     return load_config(REPO_ROOT / "params.yaml", [
         "data.image_size=32", "model.nz=32", "model.ngf=16", "model.ndf=16",
         f"train.batch_size={BATCH}", "train.epochs=2", "train.checkpoint_every_steps=5",
-        "train.log_every_steps=3", "train.use_gpu=true", *overrides,
+        "train.log_every_steps=3", "train.use_gpu=true",
+        "train.r1_every_steps=3",  # R1's eager update between captured replays, every 3rd step
+        *overrides,
     ])
 
 

@@ -94,3 +94,12 @@ def test_a_bad_r1_value_is_one_line_naming_the_key(override, key):
         tiny_config(override)
     assert key in str(caught.value) and "\n" not in str(caught.value)
 
+
+
+def test_r1_under_bf16_autocast_trains_with_finite_losses_and_changes_the_run():
+    common = ("train.precision=bf16", "train.epochs=1", "train.r1_every_steps=2")
+    without, _ = train(tiny_config(*common, "train.r1_gamma=0"))
+    with_r1, _ = train(tiny_config(*common, "train.r1_gamma=1"))
+    assert digest(with_r1) != digest(without)
+    assert all(torch.isfinite(torch.tensor([row["loss_d"], row["loss_g"]])).all()
+               for row in with_r1.log_rows)
