@@ -16,9 +16,10 @@ import pytest
 from conftest import REPO_ROOT
 from test_prepare import BAD, GOOD, data_cfg, make_folder
 
+from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
-from pipeline.data.prepare import prepare_dataset, resolve_backend
-from pipeline.data.shard_writer import FAULT_ENV
+from pipeline.data.prepare import FirstBadShard, prepare_dataset, resolve_backend
+from pipeline.data.shard_writer import FAULT_ENV, ShardSummary, ShardTask
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,29 @@ def test_two_processes_write_the_same_bytes_as_one(folder, one_process, tmp_path
     assert outputs(tmp_path) == outputs(one_process)
     assert sorted(p.name for p in (tmp_path / "data/shards").iterdir()) == [
         *(f"train-{i:06d}.tar" for i in range(4)), "val-000000.tar"]
+
+
+def test_strict_mode_names_the_same_image_whatever_order_the_shards_finish_in():
+    verdict = FirstBadShard()
+    tasks = list(verdict.numbered(iter([ShardTask(f"train-{n:06d}.tar", "train", (n,))
+                                        for n in range(3)])))
+    bad_at = {1: (7, "b.png", "truncated", ""), 2: (2, "a.png", "zero_bytes", "")}
+    summaries = {n: ShardSummary(task.name, "train", 1, first_bad=bad_at.get(n))
+                 for n, task in enumerate(tasks)}
+    # The last shard finishes first and holds the lowest listing index: not the verdict yet.
+    assert verdict.settled(summaries[2]) is None
+    assert verdict.settled(summaries[1]) is None  # shard 0 is still running
+    assert verdict.settled(summaries[0]) == bad_at[1]  # the first shard that has a bad image
+
+
+def test_strict_mode_stops_with_the_same_error_on_one_and_two_processes(folder, tmp_path):
+    errors = []
+    for processes in (1, 2):
+        with pytest.raises(UserError) as caught:
+            prepare_dataset(data_cfg(folder, on_bad_image="error", num_processes=processes),
+                            Layout(tmp_path / f"p{processes}"))
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "\n" not in errors[0]
 
 
 def test_auto_backend_is_ray_only_on_a_cluster():

@@ -160,7 +160,6 @@ class Totals:
         self.shards: dict[str, ShardSummary] = {}
         self.skipped = {reason: 0 for reason in REASONS}
         self.shown: dict[str, list[tuple[int, str]]] = {reason: [] for reason in REASONS}
-        self.first_bad: tuple[int, str, str, str] | None = None
         self.skipped["unsafe_name"] = len(source.unsafe)
         self.shown["unsafe_name"] = [
             (len(source.names) + i, f"{source.location}!{name}")
@@ -177,8 +176,6 @@ class Totals:
             # The first paths in listing order, whatever order the shards finished in.
             self.shown[reason] = sorted(self.shown[reason])[:SKIPPED_PATHS_SHOWN]
         summary.skipped_shown = []
-        if summary.first_bad and (self.first_bad is None or summary.first_bad < self.first_bad):
-            self.first_bad = summary.first_bad
         self.shards[summary.name] = summary
 
     @property
@@ -312,21 +309,52 @@ def _job(cfg: DataConfig, backend: str, source: Source, staging_url: str) -> Sha
                     cfg.on_bad_image == "error", staging_url, fault)
 
 
+class FirstBadShard:
+    """`on_bad_image: error`'s verdict, the same whatever order the shards finish in: the
+    first bad image of the first shard (in shard order) that has one, once every shard
+    before it has finished without one."""
+
+    def __init__(self) -> None:
+        self.position: dict[str, int] = {}  # shard name -> its place in shard order
+        self.done: set[int] = set()
+        self.frontier = 0  # every shard before this one has finished
+        self.bad: dict[int, tuple[int, str, str, str]] = {}
+
+    def numbered(self, tasks: Iterator[ShardTask]) -> Iterator[ShardTask]:
+        """`tasks`, noting each one's place as it is handed out."""
+        for task in tasks:
+            self.position[task.name] = len(self.position)
+            yield task
+
+    def settled(self, summary: ShardSummary) -> tuple[int, str, str, str] | None:
+        """Fold in a finished shard; the first bad image once no earlier shard is pending."""
+        position = self.position[summary.name]
+        self.done.add(position)
+        if summary.first_bad is not None:
+            self.bad[position] = summary.first_bad
+        while self.frontier in self.done:
+            self.frontier += 1
+        first = min(self.bad, default=None)
+        return self.bad[first] if first is not None and first < self.frontier else None
+
+
 def _write_all(cfg: DataConfig, backend: str, job: ShardJob) -> Totals:
     source = job.source
     splits = split_assignments(source.labels or [None] * len(source.names), cfg.val_fraction,
                                cfg.seed)
     shard_count = sum(-(-len(v) // cfg.samples_per_shard) for v in splits.values())
-    totals = Totals(source)
+    totals, first_bad = Totals(source), FirstBadShard()
     bar = progress(total=len(source.names), desc=f"prepare ({backend})", unit="img")
-    summaries = _summaries(cfg, backend, job, shard_tasks(splits, cfg.samples_per_shard),
+    summaries = _summaries(cfg, backend, job,
+                           first_bad.numbered(shard_tasks(splits, cfg.samples_per_shard)),
                            shard_count)
     try:
         for summary in summaries:
             totals.add(summary)
             bar.update(summary.listed)
-            if totals.first_bad is not None:
-                raise _bad_image_error(totals.first_bad)
+            found = first_bad.settled(summary)
+            if found is not None:
+                raise _bad_image_error(found)
     finally:
         close = getattr(summaries, "close", None)
         if close is not None:
