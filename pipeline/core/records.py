@@ -38,6 +38,15 @@ def verify_sha256(path: Path, expected: str | None, record_path: Path, stage: st
     return digest
 
 
+def _from_known_keys(cls: type[Any], values: Any) -> Any:
+    """`cls` built from the keys of the JSON object `values` that are its fields (unknown
+    keys ignored: a newer writer does not break an older reader); TypeError otherwise."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__}: expected a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
 @dataclass(frozen=True)
 class Record:
     """Base of every stage record: a frozen dataclass stored as one JSON object."""
@@ -73,10 +82,7 @@ class Record:
     def from_dict(cls, values: dict[str, Any]) -> Self:
         """Build from parsed JSON; TypeError on a missing required key (unknown keys: ignored,
         so that a newer writer does not break an older reader)."""
-        if not isinstance(values, dict):
-            raise TypeError("expected a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return _from_known_keys(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to disk."""
@@ -251,10 +257,7 @@ class QualitySummary:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QualitySummary:
         """Rebuild from `dataclasses.asdict` output; TypeError on a missing key."""
-        if not isinstance(values, dict):
-            raise TypeError("quality: expected a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return _from_known_keys(cls, values)
 
     def words(self) -> str:
         """One phrase for a run's description and log."""
