@@ -347,8 +347,9 @@ class TrainLoop:
             logger.info("train step: %s (%s)", self.step_mode, self.step_mode_reason)
 
     def _step(self, real: torch.Tensor, noise: torch.Tensor) -> None:
-        """One step the chosen way (a replay of the captured graph, or `train_step`), then
-        the weight average's update, outside any graph."""
+        """One step the chosen way (a replay of the captured graph, or `train_step`), then,
+        outside any graph, R1's update of D every `r1_every_steps`, ADA's adjustment of p and
+        the weight average's update."""
         draws = self._draw()
         if self.captured_step is None:
             self.train_step(real, noise, draws=draws)
