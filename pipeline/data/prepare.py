@@ -316,7 +316,7 @@ class FirstBadShard:
 
     def __init__(self) -> None:
         self.position: dict[str, int] = {}  # shard name -> its place in shard order
-        self.done: set[int] = set()
+        self.done: set[int] = set()  # finished shards after the frontier
         self.frontier = 0  # every shard before this one has finished
         self.bad: dict[int, tuple[int, str, str, str]] = {}
 
@@ -332,7 +332,8 @@ class FirstBadShard:
         self.done.add(position)
         if summary.first_bad is not None:
             self.bad[position] = summary.first_bad
-        while self.frontier in self.done:
+        while self.frontier in self.done:  # only shards past the frontier stay in `done`
+            self.done.remove(self.frontier)
             self.frontier += 1
         first = min(self.bad, default=None)
         return self.bad[first] if first is not None and first < self.frontier else None
