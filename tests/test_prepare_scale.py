@@ -18,8 +18,15 @@ from test_prepare import BAD, GOOD, data_cfg, make_folder
 
 from pipeline.core.errors import UserError
 from pipeline.core.layout import Layout
-from pipeline.data.prepare import FirstBadShard, prepare_dataset, resolve_backend
-from pipeline.data.shard_writer import FAULT_ENV, ShardSummary, ShardTask
+from pipeline.data.prepare import (
+    FirstBadShard,
+    prepare_dataset,
+    resolve_backend,
+    shard_tasks,
+    split_assignments,
+)
+from pipeline.data.shard_writer import FAULT_ENV, ShardSummary
+from pipeline.data.sources import open_source
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +58,31 @@ def test_two_processes_write_the_same_bytes_as_one(folder, one_process, tmp_path
         *(f"train-{i:06d}.tar" for i in range(4)), "val-000000.tar"]
 
 
+@pytest.mark.parametrize("kind", ["directory", "zip", "tar"])
+def test_a_shard_task_carries_its_own_rows_of_the_listing_only(folder, tmp_path, kind):
+    """What a decode process or Ray task is sent grows with its shard, not with the listing:
+    its rows read the same items as the whole listing does."""
+    import shutil
+
+    location = str(folder) if kind == "directory" else shutil.make_archive(
+        str(tmp_path / "images"), kind, folder)
+    source = open_source(location, scratch=str(tmp_path / "scratch"))
+    splits = split_assignments(source.labels, 0.2, 0)
+    tasks = list(shard_tasks(source, splits, 3))
+    assert sorted(p for task in tasks for p in task.positions) == list(range(len(source.names)))
+    with source.reader() as whole:
+        for task in tasks:
+            assert len(task.rows.names) == len(task.positions) <= 3
+            assert not task.rows.ignored and not task.rows.unsafe
+            with task.rows.reader() as part:
+                for position in task.positions:
+                    assert part.item(position) == whole.item(position), (kind, position)
+
+
 def test_strict_mode_names_the_same_image_whatever_order_the_shards_finish_in():
     verdict = FirstBadShard()
-    tasks = list(verdict.numbered(iter([ShardTask(f"train-{n:06d}.tar", "train", (n,))
-                                        for n in range(3)])))
+    source = open_source("synthetic:3", scratch="")
+    tasks = list(verdict.numbered(shard_tasks(source, {"train": [0, 1, 2], "val": []}, 1)))
     bad_at = {1: (7, "b.png", "truncated", ""), 2: (2, "a.png", "zero_bytes", "")}
     summaries = {n: ShardSummary(task.name, "train", 1, first_bad=bad_at.get(n))
                  for n, task in enumerate(tasks)}

@@ -15,12 +15,13 @@ carry a fixed mtime/owner/mode, and PNG encoding is deterministic. DVC's cache a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +94,17 @@ def split_assignments(
     }
 
 
-def shard_tasks(splits: dict[str, list[int]], samples_per_shard: int) -> Iterator[ShardTask]:
+def shard_tasks(source: Source, splits: dict[str, list[int]],
+                samples_per_shard: int) -> Iterator[ShardTask]:
     """Every shard, train first: `samples_per_shard` consecutive positions of its split's
-    order (fewer in the last). Nothing here depends on how many workers run them."""
+    order (fewer in the last), with their rows of the listing. Nothing here depends on how
+    many workers run them."""
     for split in SPLITS:
         order = splits[split]
         for number, start in enumerate(range(0, len(order), samples_per_shard)):
             positions = tuple(order[start : start + samples_per_shard])
-            yield ShardTask(f"{split}-{number:06d}.tar", split, positions)
+            yield ShardTask(f"{split}-{number:06d}.tar", split, positions,
+                            source.part(positions))
 
 
 # --- backends -----------------------------------------------------------------------------------
@@ -114,39 +118,34 @@ def resolve_backend(backend: str, environ: dict[str, str] | None = None) -> str:
     return "ray" if any(environ.get(name) for name in RAY_ENV_VARS) else "local"
 
 
-_POOL_JOB: ShardJob | None = None  # each pool process's copy of the job, sent once
+def _pool_task(job_and_task: tuple[ShardJob, ShardTask]) -> ShardSummary:
+    return write_shard_task(*job_and_task)
 
 
-def _pool_init(job: ShardJob) -> None:
-    global _POOL_JOB
-    _POOL_JOB = job
-
-
-def _pool_task(task: ShardTask) -> ShardSummary:
-    assert _POOL_JOB is not None
-    return write_shard_task(_POOL_JOB, task)
-
-
-def run_local(job: ShardJob, tasks: Iterator[ShardTask], processes: int) -> Iterator[ShardSummary]:
-    """Summaries of `tasks` run here (1 process) or in a pool; in completion order."""
+def run_local(make_job: Callable[[], ShardJob], tasks: Iterator[ShardTask],
+              processes: int) -> Iterator[ShardSummary]:
+    """Summaries of `tasks` run here (1 process) or in a pool; in completion order. The job
+    is made once the pool is starting: its processes import while the driver makes it."""
     if processes == 1:
+        job = make_job()
         for task in tasks:
             yield write_shard_task(job, task)
         return
     # spawn: no fork of a process that already runs threads (tqdm's monitor).
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_pool_init, initargs=(job,)) as pool:
-        yield from pool.imap_unordered(_pool_task, tasks, chunksize=1)
+    with context.Pool(processes) as pool:
+        job = make_job()  # small (no listing): sent with every task
+        yield from pool.imap_unordered(_pool_task, ((job, task) for task in tasks), chunksize=1)
 
 
-def _summaries(cfg: DataConfig, backend: str, job: ShardJob, tasks: list[ShardTask] | Any,
-               shard_count: int) -> Iterator[ShardSummary]:
+def _summaries(cfg: DataConfig, backend: str, make_job: Callable[[], ShardJob],
+               tasks: Iterator[ShardTask], shard_count: int) -> Iterator[ShardSummary]:
     if backend == "ray":
         from pipeline.data.ray_prepare import run_on_ray
 
-        return run_on_ray(job, tasks)
+        return run_on_ray(make_job(), tasks)
     processes = min(cfg.num_processes or os.cpu_count() or 1, max(shard_count, 1))
-    return run_local(job, tasks, processes)
+    return run_local(make_job, tasks, processes)
 
 
 # --- combining ----------------------------------------------------------------------------------
@@ -305,8 +304,8 @@ def _job(cfg: DataConfig, backend: str, source: Source, staging_url: str) -> Sha
     fault = os.environ.get(FAULT_ENV, "")
     if fault and backend != "ray":
         raise UserError(f"{FAULT_ENV} (a test's injected fault) needs data.backend=ray")
-    return ShardJob(source, cfg.image_size, cfg.channels, cfg.min_side_px,
-                    cfg.on_bad_image == "error", staging_url, fault)
+    return ShardJob(tuple(source.class_names), cfg.image_size, cfg.channels, cfg.min_side_px,
+                    cfg.on_bad_image == "error", staging_url, manifest_schema(), fault)
 
 
 class FirstBadShard:
@@ -339,15 +338,14 @@ class FirstBadShard:
         return self.bad[first] if first is not None and first < self.frontier else None
 
 
-def _write_all(cfg: DataConfig, backend: str, job: ShardJob) -> Totals:
-    source = job.source
+def _write_all(cfg: DataConfig, backend: str, source: Source, staging_url: str) -> Totals:
     splits = split_assignments(source.labels or [None] * len(source.names), cfg.val_fraction,
                                cfg.seed)
     shard_count = sum(-(-len(v) // cfg.samples_per_shard) for v in splits.values())
     totals, first_bad = Totals(source), FirstBadShard()
     bar = progress(total=len(source.names), desc=f"prepare ({backend})", unit="img")
-    summaries = _summaries(cfg, backend, job,
-                           first_bad.numbered(shard_tasks(splits, cfg.samples_per_shard)),
+    summaries = _summaries(cfg, backend, functools.partial(_job, cfg, backend, source, staging_url),
+                           first_bad.numbered(shard_tasks(source, splits, cfg.samples_per_shard)),
                            shard_count)
     try:
         for summary in summaries:
@@ -383,7 +381,7 @@ def prepare_dataset(cfg: DataConfig, layout: Layout) -> DatasetStats:
         log.info("%s: %d images (%s), backend %s", cfg.source, len(source.names), source.kind,
                  backend)
         _refuse_unsafe(cfg, source)
-        totals = _write_all(cfg, backend, _job(cfg, backend, source, staging_url))
+        totals = _write_all(cfg, backend, source, staging_url)
         if not totals.samples:
             listed = len(source.names) + len(source.unsafe)
             summary = ", ".join(f"{n} {r}" for r, n in sorted(totals.skipped.items()) if n)

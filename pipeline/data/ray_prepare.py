@@ -1,9 +1,10 @@
 """`prepare` on a Ray cluster (`data.backend: ray`): one Ray task per shard.
 
 Ray schedules the tasks over the cluster's CPUs and retries a task whose worker died (a lost
-node) or that hit a storage error (`OSError`); the job (the listing) goes to the object store
-once. The driver keeps at most a few tasks per CPU in flight, so that a listing of 100 M images
-does not become 100,000 queued tasks at once, and folds each summary as it arrives. Ray is
+node) or that hit a storage error (`OSError`); the job (params and classes, no listing) goes to
+the object store once, and each task carries its own rows of the listing. The driver keeps at
+most a few tasks per CPU in flight, so that a listing of 100 M images does not become 100,000
+queued tasks at once, and folds each summary as it arrives. Ray is
 imported here only: the rest of `prepare` (and anything that imports it) runs without it.
 """
 

@@ -1,7 +1,8 @@
 """Write one shard: decode its images in order, stream them into a tar, summarise what was done.
 
 This is the work of one decode process (local backend) or one Ray task (ray backend): it gets
-the listing once (`ShardJob`) and a shard's listing positions (`ShardTask`), reads and prepares
+what every shard shares once (`ShardJob`) and a shard's part of the listing (`ShardTask`: its
+positions and their rows, never the whole listing), reads and prepares
 those images one at a time (memory: one image), writes `<out>/<shard>.tar`, its manifest rows
 (`<out>/_parts/<shard>.parquet`) and its skipped images (`<out>/_parts/<shard>.skipped.tsv`),
 and returns a small `ShardSummary`. Running the same task twice writes the same bytes, so a
@@ -43,24 +44,29 @@ MANIFEST_COLUMNS = ("key", "split", "shard", "label", "class_name", "source_path
 
 @dataclass(frozen=True)
 class ShardJob:
-    """What every shard task shares: the listing, the image params, where shards go."""
+    """What every shard task shares: the image params, the classes, where shards go."""
 
-    source: Source
+    class_names: tuple[str, ...]  # a sample's `cls` is its label's index here
     image_size: int
     channels: int
     min_side_px: int
     stop_on_bad_image: bool
     out_url: str  # the staging folder (a path or fsspec URL every worker reaches)
+    # The manifest's Arrow schema (`manifest_schema`), made once by the driver: it needs
+    # pandas, whose import would cost every decode process 0.6 s.
+    manifest_schema: Any
     fault_shard: str = ""
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard: its file name, split and the listing positions of its images, in order."""
+    """One shard: its file name, split, the listing positions of its images in order, and
+    those rows of the listing (`Source.part`)."""
 
     name: str
     split: str
     positions: tuple[int, ...]
+    rows: Source
 
 
 @dataclass
@@ -155,7 +161,7 @@ class _Shard:
 
     def __init__(self, job: ShardJob, task: ShardTask) -> None:
         self.job, self.task = job, task
-        self.class_index = {name: i for i, name in enumerate(job.source.class_names)}
+        self.class_index = {name: i for i, name in enumerate(job.class_names)}
         self.summary = ShardSummary(task.name, task.split, len(task.positions),
                                     skipped={r: 0 for r in REASONS})
         self.sums = np.zeros(job.channels)
@@ -241,8 +247,7 @@ def _write_parts(fs: Any, root: str, shard: _Shard) -> None:
 
     parts = f"{root}/{PARTS_DIR}"
     fs.makedirs(parts, exist_ok=True)
-    schema = manifest_schema()
-    table = pa.Table.from_pylist(shard.rows, schema=schema)
+    table = pa.Table.from_pylist(shard.rows, schema=shard.job.manifest_schema)
     with fs.open(f"{parts}/{shard.task.name}.parquet", "wb") as stream:
         pq.write_table(table, stream)
     if shard.bad:
@@ -270,7 +275,7 @@ def write_shard_task(job: ShardJob, task: ShardTask) -> ShardSummary:
     _maybe_fail(job, task, fs, root)
     shard = _Shard(job, task)
     path = f"{root}/{task.name}"
-    with job.source.reader() as reader, fs.open(path, "wb") as stream:
+    with task.rows.reader() as reader, fs.open(path, "wb") as stream:
         sha256 = write_tar(stream, shard.samples(reader))
     summary = shard.finish(sha256)
     if not summary.samples:

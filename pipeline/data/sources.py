@@ -4,8 +4,9 @@ and tests).
 
 `open_source(spec, scratch)` checks the source and lists its images (sorted, so that sample keys
 and the split do not depend on file-system order) before any decoding starts. The listing is
-small (names and labels, no pixels); a `Source` is shipped once to every decode process or Ray
-task, which then reads the images it needs by listing position (`SourceReader.item`). Archives
+small (names and labels, no pixels), and no worker ever gets all of it: each shard task gets
+`Source.part` of its own positions (a thousand rows, whatever the listing's size) and reads
+those images by listing position (`SourceReader.item`). Archives
 are read in place, never extracted: a zip by member name, a plain tar by the byte span of each
 member, a compressed tar (which cannot seek) through one sequential pass that copies its image
 members, each at most `MAX_SOURCE_BYTES`, into one scratch file that the readers seek in.
@@ -18,8 +19,8 @@ import os
 import shutil
 import tarfile
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -72,15 +73,30 @@ class Source:
     members: list[str] | None = None
     spans: np.ndarray | None = None  # int64 (N, 2): offset, size; size -1 = refused unread
     data_file: str = ""
+    # A part (`part`): listing position -> row of the lists above; None: row = position.
+    rows: dict[int, int] | None = None
 
     @property
     def class_names(self) -> list[str]:
         """Sorted class names; a sample's `cls` is its index in this list."""
         return sorted(set(self.labels)) if self.labels else []
 
-    def label(self, position: int) -> str | None:
-        """The class name of the image at `position` (None when unlabelled)."""
-        return self.labels[position] if self.labels else None
+    def row(self, position: int) -> int:
+        """Where the image at listing `position` sits in this (part of the) listing."""
+        return position if self.rows is None else self.rows[position]
+
+    def part(self, positions: Sequence[int]) -> Source:
+        """The listing cut to `positions` (a shard task's share), still read by listing
+        position: what a task is sent, the same small size whatever the whole listing's."""
+        rows = [self.row(position) for position in positions]
+        return replace(
+            self, names=[self.names[r] for r in rows],
+            labels=[self.labels[r] for r in rows] if self.labels is not None else None,
+            ignored=[], unsafe=[],
+            members=[self.members[r] for r in rows] if self.members is not None else None,
+            spans=self.spans[rows] if self.spans is not None else None,
+            rows={position: i for i, position in enumerate(positions)},
+        )
 
     def reader(self) -> SourceReader:
         """A reader of items by position, holding open handles until closed."""
@@ -109,7 +125,9 @@ class SourceReader:
     def item(self, position: int) -> Item:
         """The item at listing `position` (its bytes read here, unless a file or refused)."""
         source = self.source
-        name, label = source.names[position], source.label(position)
+        row = source.row(position)
+        name = source.names[row]
+        label = source.labels[row] if source.labels else None
         if source.kind == MNIST5K:
             pixels, _ = load_mnist5k()
             return Item(position, name, name, label, pixels=pixels[position])
@@ -120,26 +138,26 @@ class SourceReader:
             return Item(position, name, path, label, file=path)
         if source.kind == "manifest":
             assert source.members is not None
-            url = source.members[position]
+            url = source.members[row]
             return _bounded_read(Item(position, name, url, label), lambda: _open_url(url))
         where = f"{source.location}!{name}"
         if source.spans is not None:
-            return self._span_item(Item(position, name, where, label))
-        return self._zip_item(Item(position, name, where, label))
+            return self._span_item(Item(position, name, where, label), row)
+        return self._zip_item(Item(position, name, where, label), row)
 
-    def _zip_item(self, item: Item) -> Item:
+    def _zip_item(self, item: Item, row: int) -> Item:
         assert self.source.members is not None
         if self._handle is None:
             self._handle = zipfile.ZipFile(self.source.location)
-        info = self._handle.getinfo(self.source.members[item.index])
+        info = self._handle.getinfo(self.source.members[row])
         if info.file_size > images.MAX_SOURCE_BYTES:
             return _too_large(item, info.file_size)
         # zipfile stops at the declared size and checks the CRC: a lying header is corrupt.
         return _read_item(item, lambda: self._handle.read(info))
 
-    def _span_item(self, item: Item) -> Item:
+    def _span_item(self, item: Item, row: int) -> Item:
         assert self.source.spans is not None
-        offset, size = (int(v) for v in self.source.spans[item.index])
+        offset, size = (int(v) for v in self.source.spans[row])
         if size < 0:
             return _too_large(item, offset)  # refused at listing: offset holds its size
         if size > images.MAX_SOURCE_BYTES:
