@@ -4,8 +4,8 @@ Ray schedules the tasks over the cluster's CPUs and retries a task whose worker 
 node) or that hit a storage error (`OSError`); the job (params and classes, no listing) goes to
 the object store once, and each task carries its own rows of the listing. The driver keeps at
 most a few tasks per CPU in flight, so that a listing of 100 M images does not become 100,000
-queued tasks at once, and folds each summary as it arrives. Ray is
-imported here only: the rest of `prepare` (and anything that imports it) runs without it.
+queued tasks at once, and folds each summary as it arrives. Ray is imported here only: the rest
+of `prepare` (and anything that imports it) runs without it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Write one shard: decode its images in order, stream them into a tar, summarise what was done.
 
 This is the work of one decode process (local backend) or one Ray task (ray backend): it gets
-what every shard shares once (`ShardJob`) and a shard's part of the listing (`ShardTask`: its
-positions and their rows, never the whole listing), reads and prepares
-those images one at a time (memory: one image), writes `<out>/<shard>.tar`, its manifest rows
+what every shard shares (`ShardJob`) and a shard's part of the listing (`ShardTask`: its
+positions and their rows, never the whole listing), reads and prepares those images one at a
+time (memory: one image), writes `<out>/<shard>.tar`, its manifest rows
 (`<out>/_parts/<shard>.parquet`) and its skipped images (`<out>/_parts/<shard>.skipped.tsv`),
 and returns a small `ShardSummary`. Running the same task twice writes the same bytes, so a
 retried task simply overwrites what a failed attempt left.

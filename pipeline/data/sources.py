@@ -6,10 +6,10 @@ and tests).
 and the split do not depend on file-system order) before any decoding starts. The listing is
 small (names and labels, no pixels), and no worker ever gets all of it: each shard task gets
 `Source.part` of its own positions (a thousand rows, whatever the listing's size) and reads
-those images by listing position (`SourceReader.item`). Archives
-are read in place, never extracted: a zip by member name, a plain tar by the byte span of each
-member, a compressed tar (which cannot seek) through one sequential pass that copies its image
-members, each at most `MAX_SOURCE_BYTES`, into one scratch file that the readers seek in.
+those images by listing position (`SourceReader.item`). Archives are read in place, never
+extracted: a zip by member name, a plain tar by the byte span of each member, a compressed tar
+(which cannot seek) through one sequential pass that copies its image members, each at most
+`MAX_SOURCE_BYTES`, into one scratch file that the readers seek in.
 """
 
 from __future__ import annotations
