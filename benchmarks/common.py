@@ -151,15 +151,18 @@ def synthetic_image(rng: np.random.Generator, side: int, channels: int) -> np.nd
     return image[:, :, 0] if channels == 1 else image
 
 
-def make_image_folder(folder: Path, count: int, side: int, channels: int, seed: int = 0) -> Path:
-    """`count` PNG files of `side` px in 10 class sub-folders (labelled, like a user's folder)."""
+def make_image_folder(folder: Path, count: int, side: int, channels: int, seed: int = 0,
+                      fmt: str = "png") -> Path:
+    """`count` image files (`fmt`: png, or jpeg at quality 90) of `side` px in 10 class
+    sub-folders (labelled, like a user's folder)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    suffix, options = ("jpg", {"quality": 90}) if fmt == "jpeg" else ("png", {"compress_level": 6})
     for index in range(count):
-        target = folder / f"class_{index % 10}" / f"img_{index:06d}.png"
+        target = folder / f"class_{index % 10}" / f"img_{index:06d}.{suffix}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(synthetic_image(rng, side, channels)).save(target, compress_level=6)
+        Image.fromarray(synthetic_image(rng, side, channels)).save(target, **options)
     return folder
 
 

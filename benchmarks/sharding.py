@@ -34,11 +34,11 @@ from typing import Any
 from benchmarks.common import (
     REPO_ROOT,
     interleaved,
+    make_image_folder,
     paired_ratio,
     print_row,
     save_results,
     summarise,
-    synthetic_image,
 )
 
 # Run in a fresh interpreter: the spawn pool re-imports the parent's __main__, and this module's
@@ -120,24 +120,11 @@ def images_per_s(data: dict[str, Any], workdir: Path, ray_nodes: int = 0) -> flo
     return outcome["images"] / outcome["elapsed_s"]
 
 
-def make_folder(folder: Path, count: int, side: int, fmt: str) -> Path:
-    """`count` RGB images of `side` px in 10 class sub-folders, saved as `fmt`."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    suffix = "jpg" if fmt == "jpeg" else "png"
-    for index in range(count):
-        target = folder / f"class_{index % 10}" / f"img_{index:06d}.{suffix}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(synthetic_image(rng, side, 3)).save(target, quality=90)
-    return folder
-
-
 def throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Images/s of each local process count and each Ray node count, alternating per repeat."""
     started = time.perf_counter()
-    folder = make_folder(workdir / "images", args.images, args.source_px, args.source_format)
+    folder = make_image_folder(workdir / "images", args.images, args.source_px, 3,
+                               fmt=args.source_format)
     print(f" sharding: generated {args.images} {args.source_format} images of "
           f"{args.source_px} px in {time.perf_counter() - started:.0f} s", flush=True)
     data = {"source": str(folder), "image_size": args.image_size, "channels": args.channels}
