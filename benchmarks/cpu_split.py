@@ -73,9 +73,6 @@ def single_process(threads: int, global_batch: int, ngf: int, steps: int) -> flo
 class _DdpHooks:
     """`training.LoopHooks` on a plain gloo group: DDP, nothing persisted or logged."""
 
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
-
     def before_step(self, step: int) -> None:
         pass
 

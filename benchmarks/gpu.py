@@ -1,13 +1,16 @@
 """GPU throughput (run by benchmarks/gpu.sh): the product's loop vs the plain loop on one CUDA GPU.
 
-64x64x3 DCGAN, bf16 autocast, channels_last, native torch.nn.SyncBatchNorm under NCCL (world
-size 1, as one Ray Train GPU worker runs it: no DDP wrapper), fed from shards that the
-product's `prepare` makes on the fly from a synthetic image folder. Alternating repeats of:
+64x64x3 DCGAN, bf16 autocast, under NCCL at world size 1, placed and wrapped by the loop itself
+(`pipeline.train.placement`: channels_last, fused Adam, no DDP wrapper at world size 1), as a
+Ray Train GPU worker runs it, fed from shards that the product's `prepare` makes on the fly
+from a synthetic image folder. Alternating repeats of:
   plain           `PlainDCGAN` (BatchNorm2d, no DDP), eager, GPU-resident uint8 batches
   plain_graph     the same with fused capturable Adam and the whole D+G step one CUDA graph
   product         `training.TrainLoop.run`, `train.compile=auto` (captured), the same batches
   product_eager   the same with `train.compile=off`
-  product_ddp     the same wrapped in DDP (what every rank of a multi-GPU run does; eager)
+  product_ddp     the same wrapped in DDP (`train.gradient_allreduce=ddp`: eager, uncapturable)
+  product_bucketed  captured with the bucketed gradient all-reduce in the graph (what `auto`
+                  gives every rank of a multi-GPU run), over the world of one
   product_cache   captured, fed from the decoded split on the GPU (`pipeline.data.cache`)
   product_shards  captured, fed by the streaming shard loader (`--loader-workers` processes)
 and the loader alone (shards -> batches, images/s). Every product side is also reported as a
@@ -45,34 +48,13 @@ from pipeline.data import loader as data
 from pipeline.data.cache import CachedBatches, decode_split, training_batches
 from pipeline.data.pixels import to_signed
 from pipeline.data.reader import shard_urls
-from pipeline.train import captured
+from pipeline.train import captured, placement
 from pipeline.train import loop as training
-from pipeline.train.collectives import no_forward_buffer_sync
-from pipeline.train.sync_bn import convert_sync_batchnorm
 
 DEVICE = torch.device("cuda", 0)
-PRODUCT_SIDES = ("product", "product_eager", "product_ddp", "product_cache", "product_shards")
+PRODUCT_SIDES = ("product", "product_eager", "product_ddp", "product_bucketed", "product_cache",
+                 "product_shards")
 STEP_MODES: dict[str, str] = {}  # which step each product variant ran, and why
-
-
-class GpuHooks(LocalHooks):
-    """LocalHooks with the GPU worker's wrapping: SyncBatchNorm, channels_last, DDP.
-
-    `ddp=False` (the default) is what Ray's prepare_model does at world size 1 (no DDP
-    wrapper); `ddp_kwargs` lets a variant try DDP options (e.g. gradient_as_bucket_view)."""
-
-    def __init__(self, directory: Path, ddp: bool = False, **ddp_kwargs: Any) -> None:
-        super().__init__(directory)
-        self.ddp, self.ddp_kwargs = ddp, ddp_kwargs
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = convert_sync_batchnorm(model, DEVICE)
-        model = model.to(DEVICE, memory_format=torch.channels_last)
-        if not self.ddp:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[DEVICE.index], **no_forward_buffer_sync(), **self.ddp_kwargs
-        )
 
 
 def _timed_images_per_s(run, images: int) -> float:
@@ -83,13 +65,18 @@ def _timed_images_per_s(run, images: int) -> float:
     return images / (time.perf_counter() - started)
 
 
-def product_images_per_s(cfg: Config, steps: int, source: training.BatchSource,
-                         **hook_options: Any) -> float:
+def with_train(cfg: Config, **changes: Any) -> Config:
+    """`cfg` with some `train` keys changed."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def product_images_per_s(cfg: Config, steps: int, source: training.BatchSource) -> float:
     """Images/s of `TrainLoop.run` for one epoch of `steps` (built, and captured, untimed)."""
     with tempfile.TemporaryDirectory(prefix="gpu_product_") as directory:
         env = training.LoopEnv(0, 1, DEVICE, steps_per_epoch=steps)
-        loop = training.TrainLoop(cfg, env, GpuHooks(Path(directory), **hook_options))
-        variant = f"compile={cfg.train.compile} ddp={hook_options.get('ddp', False)}"
+        loop = training.TrainLoop(cfg, env, LocalHooks(Path(directory)))
+        variant = (f"compile={cfg.train.compile} "
+                   f"gradients={loop.gradient_allreduce.mode}")
         STEP_MODES[variant] = f"{loop.step_mode} ({loop.step_mode_reason})"
         return _timed_images_per_s(lambda: loop.run(source), steps * cfg.train.batch_size)
 
@@ -194,11 +181,10 @@ def profile_steps(cfg: Config, pool: list[torch.Tensor], steps: int = 30) -> Non
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.backends.cudnn.benchmark = True
+    placement.configure_process(DEVICE)  # as the Ray worker does
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=DEVICE)
-    torch.cuda.set_device(DEVICE)
     cfg = bench_config(64, 3, [
         "train.precision=bf16", f"train.batch_size={args.batch_size}", "train.epochs=1",
         f"model.ngf={args.width}", f"model.ndf={args.width}",
@@ -218,7 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         urls = shard_urls("train", str(Path(workdir) / "data" / "shards"))
         pool = [b.to(DEVICE) for b in random_batches(8, args.batch_size, 64, 3)]
         cached = device_cache(cfg, urls)
-        eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="off"))
+        eager = with_train(cfg, compile="off")
+        ddp = with_train(cfg, gradient_allreduce="ddp")
+        bucketed = with_train(cfg, gradient_allreduce="bucketed")
         warmup = 20
         plain_images_per_s(cfg, warmup, pool)
         product_images_per_s(cfg, warmup, memory_source(pool, warmup))
@@ -229,8 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "product": lambda: product_images_per_s(cfg, steps, memory_source(pool, steps)),
             "product_eager": lambda: product_images_per_s(eager, steps,
                                                           memory_source(pool, steps)),
-            "product_ddp": lambda: product_images_per_s(cfg, steps, memory_source(pool, steps),
-                                                        ddp=True),
+            "product_ddp": lambda: product_images_per_s(ddp, steps, memory_source(pool, steps)),
+            "product_bucketed": lambda: product_images_per_s(bucketed, steps,
+                                                             memory_source(pool, steps)),
             "product_cache": lambda: product_images_per_s(cfg, steps, cache_source(cached, steps)),
             "product_shards": lambda: product_images_per_s(
                 cfg, steps, shard_source(cfg, urls, steps, pin_memory=True)),
@@ -241,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, side in sides.items():
                 rates[name].append(side())
         results["fixed_costs_s"] = fixed_costs_s(
-            cfg, pool, DEVICE, GpuHooks, sync=torch.cuda.synchronize)
+            cfg, pool, DEVICE, sync=torch.cuda.synchronize)
         if args.profile:
             profile_steps(cfg, pool)
         if args.long_steps:

@@ -52,9 +52,6 @@ class RampedEma(GeneratorEma):
 class SilentHooks:
     """LoopHooks that keep nothing: the sweep reads the models directly."""
 
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
     def before_step(self, step: int) -> None:
         pass
 

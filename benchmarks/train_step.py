@@ -62,9 +62,6 @@ class LocalHooks:
         self.directory = directory
         self.log_path = directory / "train_log.csv"
 
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
     def before_step(self, step: int) -> None:
         pass
 
@@ -96,7 +93,7 @@ def product_images_per_s(cfg: Config, steps: int, source: training.BatchSource) 
 
 
 def fixed_costs_s(cfg: Config, pool: list[torch.Tensor], device: torch.device = CPU,
-                  hooks: type[LocalHooks] = LocalHooks, sync=lambda: None) -> dict[str, float]:
+                  sync=lambda: None) -> dict[str, float]:
     """Seconds of the loop's work that is not a step, each timed alone (median of 3) on a
     warmed-up loop: a log window (every log_every_steps), the epoch grid (every epoch), a
     checkpoint (every checkpoint_every_steps) and the parameter digests (once, at the end)."""
@@ -104,7 +101,7 @@ def fixed_costs_s(cfg: Config, pool: list[torch.Tensor], device: torch.device = 
                                      "param_digests": []}
     with tempfile.TemporaryDirectory(prefix="bench_fixed_") as directory:
         env = training.LoopEnv(0, 1, device, steps_per_epoch=1000)
-        loop = training.TrainLoop(cfg, env, hooks(Path(directory)))
+        loop = training.TrainLoop(cfg, env, LocalHooks(Path(directory)))
         noise = torch.randn(cfg.train.batch_size, cfg.model.nz, device=device)
         work = {"log_window": loop._sync_window, "epoch_grid": lambda: loop._epoch_grid(1),
                 "checkpoint": lambda: loop._checkpoint({}), "param_digests": loop._digests}

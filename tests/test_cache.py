@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.core.errors import UserError
 from pipeline.data.cache import (
     CachedBatches,
+    PinnedStaging,
     choose_cache,
     decode_split,
     epoch_permutation,
@@ -87,6 +88,24 @@ def test_a_resumed_epoch_continues_with_the_same_batches():
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, full[skip:], strict=True))
     with pytest.raises(UserError, match="skip_batches 6"):
         list(source(2, 6))
+
+
+def test_the_host_cache_gathers_into_a_ring_of_reused_staging_buffers():
+    """The GPU host cache's staging (here without streams): each batch is the plain gather's
+    rows, written into one of three buffers in turn (no per-batch allocation, nothing pinned
+    twice), and a short last batch uses the front of its buffer."""
+    pixels = torch.randint(0, 256, (50, 1, 4, 4), dtype=torch.uint8)
+    staging = PinnedStaging((8, 1, 4, 4), torch.device("cpu"))
+    order = epoch_permutation(50, seed=0, epoch=0)
+    addresses = []
+    for batch in range(7):
+        index = order[batch * 8 : (batch + 1) * 8]
+        images, copied = staging.fetch(pixels, index)
+        assert copied is None and torch.equal(images, pixels.index_select(0, index))
+        addresses.append(images.data_ptr())
+    assert addresses == [buffer.data_ptr() for buffer in staging.buffers] * 2 + [
+        staging.buffers[0].data_ptr()]
+    assert len(images) == 2  # 50 = 6 x 8 + 2
 
 
 def test_too_many_steps_for_the_split_are_refused():

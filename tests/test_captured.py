@@ -30,9 +30,6 @@ def tiny_config(*overrides: str) -> Config:
 class Hooks:
     """`training.LoopHooks` of one CPU process that keeps nothing."""
 
-    def wrap_model(self, model):
-        return model
-
     def before_step(self, step):
         pass
 
@@ -94,13 +91,17 @@ def test_a_cpu_loop_steps_eagerly_and_logs_why_once(mode, reason, caplog):
 
 
 def test_what_blocks_a_capture_on_a_gpu():
+    """Only DDP's wrapper blocks it at any world size: ranks > 1 capture with the bucketed
+    gradient all-reduce (`collectives.GradientAllReduce`) instead."""
     gpu = torch.device("cuda", 0)
-    assert captured.capture_blocker("auto", gpu, 1, [torch.nn.Linear(1, 1)]) is None
-    assert captured.capture_blocker("auto", gpu, 2, []) == (
-        "world size > 1: DDP's hooks cannot be captured")
-    assert captured.capture_blocker("off", gpu, 1, []) == "train.compile=off"
+    assert captured.capture_blocker("auto", gpu, [torch.nn.Linear(1, 1)]) is None
+    ddp = torch.nn.parallel.DistributedDataParallel.__new__(
+        torch.nn.parallel.DistributedDataParallel)  # the type is what counts
+    assert captured.capture_blocker("auto", gpu, [ddp]) == (
+        "a model is wrapped in DDP: its hooks cannot be captured")
+    assert captured.capture_blocker("off", gpu, []) == "train.compile=off"
     with pytest.raises(ValueError, match=r"train\.compile"):
-        captured.capture_blocker("fast", gpu, 1, [])
+        captured.capture_blocker("fast", gpu, [])
 
 
 # --- the step code both ways share ----------------------------------------------------------------
@@ -189,6 +190,7 @@ def test_a_capture_that_raises_falls_back_to_eager_with_the_reason(monkeypatch, 
         f"train step: eager ({tried.step_mode_reason})"]
     assert not any(group["capturable"] for opt in (tried.opt_g, tried.opt_d)
                    for group in opt.param_groups)
+    assert tried.autocast._cache_enabled  # off only for a step that is captured
     monkeypatch.undo()
     eager = new_loop(tiny_config("train.compile=off"))
     assert tried.run(source).steps == eager.run(source).steps == STEPS

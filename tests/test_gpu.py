@@ -3,9 +3,9 @@ and more, a checkpoint, a crash, a resume, and the parameter digest of an uninte
 
 Skipped (with the reason printed by `-ra`) where CUDA is absent. Needs only torch and this
 repository (no Ray, MLflow, DVC or webdataset): the GPU machine has none of them. The loop is
-the one Ray runs; the hooks do what Ray's do for one GPU worker (`prepare_model` moves the
-model and adds no DDP wrapper at world size 1), plus the SyncBatchNorm and channels_last of
-`benchmarks/gpu.py`, so the graph records the modules a multi-GPU worker runs.
+the one Ray runs, and it places and wraps its models itself (`pipeline.train.placement`:
+channels_last, fused Adam, DDP or the bucketed all-reduce), so these tests, the benchmark and
+a Ray worker record the same step.
 
     python -m pytest tests/test_gpu.py -ra
 """
@@ -23,7 +23,6 @@ from devtools.ports import free_port
 from pipeline.core.config import Config, load_config
 from pipeline.train import checkpoints
 from pipeline.train import loop as training
-from pipeline.train.sync_bn import convert_sync_batchnorm
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU here: the captured step needs one"
@@ -42,15 +41,9 @@ class InjectedCrashError(Exception):
 class GpuHooks:
     """`training.LoopHooks` of one GPU worker without Ray; checkpoints go to `directory`."""
 
-    def __init__(self, directory: Path, crash_at: int | None = None, ddp: bool = False) -> None:
-        self.directory, self.crash_at, self.ddp = directory, crash_at, ddp
+    def __init__(self, directory: Path, crash_at: int | None = None) -> None:
+        self.directory, self.crash_at = directory, crash_at
         self.saved: list[Path] = []
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = convert_sync_batchnorm(model, DEVICE).to(DEVICE, memory_format=torch.channels_last)
-        if self.ddp:
-            return torch.nn.parallel.DistributedDataParallel(model, device_ids=[DEVICE.index])
-        return model
 
     def before_step(self, step: int) -> None:
         if step == self.crash_at:
@@ -188,6 +181,70 @@ def test_the_nan_guard_stops_a_captured_run_at_its_step(tmp_path):
 
 
 def test_a_ddp_wrapped_model_runs_eagerly_and_says_why(tmp_path):
-    loop = new_loop(gpu_config("train.compile=auto"), GpuHooks(tmp_path, ddp=True))
+    loop = new_loop(gpu_config("train.compile=auto", "train.gradient_allreduce=ddp"),
+                    GpuHooks(tmp_path))
+    assert isinstance(loop.generator, torch.nn.parallel.DistributedDataParallel)
     assert loop.step_mode == "eager"
     assert loop.step_mode_reason == "a model is wrapped in DDP: its hooks cannot be captured"
+
+
+def test_the_gpu_worker_trains_channels_last_with_fused_adam(tmp_path):
+    """What the benchmark measures is what a Ray GPU worker runs: NHWC weights (also the
+    weight average's, so its foreach update needs no per-tensor fallback), NHWC batches in
+    the graph, fused Adam, and autocast's cache off only for a captured step."""
+    loop = new_loop(gpu_config("train.compile=auto", "train.precision=bf16"), GpuHooks(tmp_path))
+    assert loop.step_mode == "captured", loop.step_mode_reason
+    for model in (loop.generator, loop.discriminator, loop.ema.model):
+        for name, param in model.named_parameters():
+            if param.dim() == 4:
+                assert param.is_contiguous(memory_format=torch.channels_last), name
+    assert loop.captured_step.real.is_contiguous(memory_format=torch.channels_last)
+    assert all(group["fused"] for opt in (loop.opt_g, loop.opt_d) for group in opt.param_groups)
+    assert loop.autocast._cache_enabled is False
+    eager = new_loop(gpu_config("train.compile=off", "train.precision=bf16"), GpuHooks(tmp_path))
+    assert eager.autocast._cache_enabled is True
+    assert all(group["fused"] and not group["capturable"] and opt.state == {}
+               for opt in (eager.opt_g, eager.opt_d) for group in opt.param_groups)
+    eager.run(device_source())  # fused Adam with its step counters kept on the GPU
+    steps = [state["step"] for opt in (eager.opt_g,) for state in opt.state.values()]
+    assert all(step.device.type == "cuda" for step in steps)
+
+
+def test_the_bucketed_all_reduce_is_recorded_in_the_graph_and_trains_like_eager(tmp_path):
+    """`train.gradient_allreduce=bucketed` (what `auto` picks for GPU ranks > 1), over the
+    world of one: its NCCL all-reduces are captured with the step, and the replays end where
+    eager steps with the same reducer and the same capturable fused Adam end."""
+    loops = [new_loop(gpu_config(f"train.compile={mode}", "train.epochs=1",
+                                 "train.gradient_allreduce=bucketed"), GpuHooks(tmp_path / mode))
+             for mode in ("auto", "off")]
+    captured, eager = loops
+    assert captured.gradient_allreduce.mode == "bucketed" and captured.reduce_g is not None
+    assert (captured.step_mode, eager.step_mode) == ("captured", "eager"), (
+        captured.step_mode_reason)
+    for optimizer in (eager.opt_g, eager.opt_d):
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+    for loop in loops:
+        loop.run(device_source())
+    _assert_models_close(captured, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_the_host_cache_hands_out_the_device_caches_batches():
+    """`train.data_cache=host` on a GPU worker: batches gathered into pinned staging buffers
+    and copied on a side stream are the device cache's batches, epoch after epoch (a buffer
+    is never overwritten before its copy is done), and the split itself is not pinned."""
+    from pipeline.data.cache import CachedBatches
+
+    pixels = torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(5))
+    options = {"batch_size": 32, "rank": 0, "world_size": 1, "num_batches": 12, "seed": 0,
+               "device": DEVICE}
+    on_device = CachedBatches(pixels, None, on_device=True, **options)
+    on_host = CachedBatches(pixels, None, on_device=False, **options)
+    assert not on_host.pixels.is_pinned() and on_host.staging.buffers[0].is_pinned()
+    for epoch in range(3):
+        host_batches = [images.clone() for images, _ in on_host(epoch)]  # used as they come
+        device_batches = [images for images, _ in on_device(epoch)]
+        assert len(host_batches) == 12
+        for mine, theirs in zip(host_batches, device_batches, strict=True):
+            assert mine.device == DEVICE and torch.equal(mine, theirs)

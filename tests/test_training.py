@@ -44,11 +44,6 @@ class LocalHooks:
         self.saved: list[dict] = []
         self.quality: list[dict] = []
 
-    def wrap_model(self, model):
-        if self.world_size == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, **no_forward_buffer_sync())
-
     def before_step(self, step):
         pass
 
@@ -117,6 +112,123 @@ def test_cpu_allreduce_gloo_is_the_operators_fallback_and_trains_the_same():
     for part in ("g", "d"):
         for key, expected in shared[part].items():
             assert torch.equal(gloo[part][key], expected), f"{part}.{key}"
+
+
+# --- the bucketed gradient all-reduce (the multi-GPU captured step's) vs DDP ---------------------
+
+EQUIVALENCE_STEPS = 6  # with R1 every 2nd step: D's R1 gradients are averaged too
+
+
+class StopBeforeError(Exception):
+    """An interruption a test injects before a step."""
+
+
+class StoppingHooks(LocalHooks):
+    """LocalHooks that interrupt the run before step `stop_before` (0: never)."""
+
+    def __init__(self, world_size: int, stop_before: int) -> None:
+        super().__init__(world_size)
+        self.stop_before = stop_before
+
+    def before_step(self, step):
+        if step == self.stop_before:
+            raise StopBeforeError(step)
+
+
+def _trained_on_ranks(rank: int, world_size: int, pool: torch.Tensor, gradients: str,
+                      cpu_allreduce: str, checkpoint_every: int = EQUIVALENCE_STEPS,
+                      stop_before: int = 0, state_file: str = "") -> dict:
+    """`TrainLoop.run` over `pool` (one global batch per step, this rank's rows) with
+    `train.gradient_allreduce=gradients`, interrupted before step `stop_before` (rank 0 then
+    writes the last checkpoint to `state_file`), or resumed from `state_file` on every rank."""
+    torch.set_num_threads(1)
+    per_rank = pool.shape[1] // world_size
+    cfg = tiny_config(**{
+        "data.image_size": 16, "train.batch_size": per_rank, "train.epochs": 1,
+        "train.gradient_allreduce": gradients, "train.cpu_allreduce": cpu_allreduce,
+        "train.r1_every_steps": 2, "train.augment": "adaptive", "train.ada_every_steps": 1,
+        "train.checkpoint_every_steps": checkpoint_every, "train.ema_half_life_images": 100,
+    })
+    state = checkpoints.load_state(state_file) if state_file and not stop_before else None
+    hooks = StoppingHooks(world_size, stop_before)
+    env = training.LoopEnv(rank, world_size, torch.device("cpu"), EQUIVALENCE_STEPS)
+    loop = training.TrainLoop(cfg, env, hooks, state)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def source(epoch, skip):
+        for index in range(skip, EQUIVALENCE_STEPS):
+            yield pool[index, mine], None
+
+    try:
+        steps = loop.run(source).steps
+    except StopBeforeError:
+        steps = loop.step
+        if rank == 0:
+            checkpoints.save_state(hooks.saved[-1]["state"], state_file)
+    return {
+        "mode": loop.gradient_allreduce.mode,
+        "wrapped": isinstance(loop.generator, torch.nn.parallel.DistributedDataParallel),
+        "digest": training.param_sha256(loop.generator, loop.discriminator),
+        "losses": [(row["loss_d"], row["loss_g"]) for row in loop.log_rows],
+        "g": {k: v.clone() for k, v in training.unwrap(loop.generator).state_dict().items()},
+        "d": {k: v.clone() for k, v in training.unwrap(loop.discriminator).state_dict().items()},
+        "steps": steps,
+    }
+
+
+def _pool(world_size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (EQUIVALENCE_STEPS, 4 * world_size, 1, 16, 16),
+                         generator=generator, dtype=torch.uint8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_bucketed_all_reduce_trains_as_ddp_does(world_size):
+    """The multi-GPU captured step's gradient average (no DDP wrapper), run over gloo on CPU
+    ranks: the same losses and the same weights as DDP after steps with G, D, R1 and ADA.
+    Through shared memory both sum in rank order: the same bits at any world size. Over
+    gloo's TCP, two ranks add a + b either way (the same bits); three may add in another
+    order than DDP's buckets do, so to float32 rounding."""
+    pool = _pool(world_size, seed=world_size)
+    for cpu_allreduce in ("auto", "gloo"):
+        ddp = run_gloo_ranks(_trained_on_ranks, world_size, (pool, "ddp", cpu_allreduce),
+                             timeout_s=120)
+        bucketed = run_gloo_ranks(_trained_on_ranks, world_size,
+                                  (pool, "bucketed", cpu_allreduce), timeout_s=120)
+        assert [r["mode"] for r in ddp + bucketed] == ["ddp"] * world_size + [
+            "bucketed"] * world_size
+        assert ddp[0]["wrapped"] and not bucketed[0]["wrapped"]
+        assert len({r["digest"] for r in bucketed}) == 1, "ranks differ"
+        assert bucketed[0]["steps"] == EQUIVALENCE_STEPS
+        exact = cpu_allreduce == "auto" or world_size == 2
+        if exact:
+            assert bucketed[0]["digest"] == ddp[0]["digest"], cpu_allreduce
+            assert bucketed[0]["losses"] == ddp[0]["losses"]
+            continue
+        for part in ("g", "d"):
+            for key, expected in ddp[0][part].items():
+                torch.testing.assert_close(bucketed[0][part][key], expected, rtol=1e-4,
+                                           atol=1e-6, msg=lambda m, k=f"{part}.{key}": f"{k}: {m}")
+        for mine, theirs in zip(bucketed[0]["losses"], ddp[0]["losses"], strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_bucketed_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
+    """Three ranks, the bucketed all-reduce: interrupted before step 5 and resumed from the
+    checkpoint of step 3 on every rank, the run ends with the uninterrupted run's weights."""
+    pool, state_file = _pool(3, seed=7), str(tmp_path / "step3")
+    straight = run_gloo_ranks(_trained_on_ranks, 3, (pool, "bucketed", "auto", 3),
+                              timeout_s=120)
+    stopped = run_gloo_ranks(_trained_on_ranks, 3, (pool, "bucketed", "auto", 3, 5, state_file),
+                             timeout_s=120)
+    assert [r["steps"] for r in stopped] == [4, 4, 4]  # checkpoint at 3, stopped before 5
+    resumed = run_gloo_ranks(_trained_on_ranks, 3, (pool, "bucketed", "auto", 3, 0, state_file),
+                             timeout_s=120)
+    assert checkpoints.load_state(state_file)["step"] == 3
+    assert {r["digest"] for r in resumed} == {straight[0]["digest"]}
+    assert resumed[0]["losses"][-1] == straight[0]["losses"][-1]
 
 
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint():
@@ -396,7 +508,6 @@ def test_auto_workers_follow_the_nodes_and_keep_explicit_values():
 def test_the_ddp_buffer_keyword_is_the_one_the_installed_torch_knows():
     """torch 2.13 renamed DDP's `broadcast_buffers` to `forward_sync_buffers`; passing the new
     name to an older torch is a TypeError on every rank (the GPU machine has 2.11)."""
-    from pipeline.train.collectives import no_forward_buffer_sync
 
     class OlderDDP:
         def __init__(self, module, device_ids=None, broadcast_buffers=True):

@@ -172,6 +172,11 @@ class TrainConfig:
         "CPU ranks: auto = shared memory among ranks on one x86 machine, else gloo; gloo = "
         "always gloo",
     )
+    gradient_allreduce: str = param(
+        "auto", one_of("auto", "ddp", "bucketed"),
+        "ranks > 1: ddp = DDP (overlaps the backward); bucketed = one flat all-reduce per model "
+        "after its backward, inside the CUDA graph; auto = bucketed where the step is captured",
+    )
     checkpoint_every_steps: int = param(200, at_least(1), "steps between checkpoints")
     log_every_steps: int = param(10, at_least(1), "steps between logged metrics")
     max_failures: int = param(2, at_least(0), "worker-group restarts Ray attempts")

@@ -3,8 +3,10 @@
 `train.data_cache` says where a worker keeps the decoded train split:
 
 * `device`: on the GPU; a batch is one `index_select` there, nothing crosses the bus;
-* `host`: in host memory (pinned when the worker has a GPU); a batch is gathered on the host
-  and copied, uint8, one batch ahead;
+* `host`: in host memory; a GPU worker gathers each batch into one of a few reusable pinned
+  staging buffers (`PinnedStaging`) and copies it, uint8, one batch ahead on a copy stream that
+  overlaps the step (the split itself is not pinned: pinning copies it into a block rounded
+  up to a power of two while the pageable split is still alive);
 * `stream`: no cache, the shard loader (`pipeline.data.loader.EpochLoader`), for splits that
   fit nowhere;
 * `auto`: `device` when the split takes at most `DEVICE_SHARE` of the free GPU memory, else
@@ -25,6 +27,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,6 +145,53 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
+class PinnedStaging:
+    """A ring of `count` batch-sized host buffers (pinned where `device` is a GPU) that the
+    host cache gathers into, and the copy of each to `device` on a copy stream.
+
+    `fetch(pixels, index)` gathers rows `index` of `pixels` into the next buffer
+    (`torch.index_select(..., out=)`: no pageable temporary, no second pinning) and starts its
+    copy; `ready(images, copied)` makes the current stream wait for that copy (`wait_event`)
+    and tells the allocator the batch is used there (`record_stream`). A buffer is gathered
+    into again only after the copy out of it finished (its event), `count` batches later. On
+    a CPU the ring and the gather run without streams (how the rotation is tested)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, count: int = 3) -> None:
+        on_gpu = device.type == "cuda"
+        self.device = device
+        self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=on_gpu)
+                        for _ in range(count)]
+        self.copied: list[torch.cuda.Event | None] = [None] * count
+        self.stream = torch.cuda.Stream(device) if on_gpu else None
+        self.next = 0
+
+    def fetch(self, pixels: torch.Tensor, index: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Rows `index` of the host tensor `pixels` on the way to `device`, and the event of
+        their copy (None on a CPU)."""
+        slot = self.next
+        self.next = (slot + 1) % len(self.buffers)
+        buffer = self.buffers[slot][: len(index)]
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # its last copy is done: safe to overwrite
+        torch.index_select(pixels, 0, index, out=buffer)
+        if self.stream is None:
+            return buffer, None
+        with torch.cuda.stream(self.stream):
+            images = buffer.to(self.device, non_blocking=True)
+            done = self.copied[slot] = torch.cuda.Event()
+            done.record(self.stream)
+        return images, done
+
+    def ready(self, images: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
+        """`images` from `fetch`, safe to use on the current stream."""
+        if copied is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            images.record_stream(current)
+        return images
+
+
 class CachedBatches:
     """One rank's training batches from a decoded split: `batches(epoch, skip_batches)` yields
     exactly `num_batches - skip_batches` batches (uint8 images on `device`, labels or None)."""
@@ -160,19 +210,26 @@ class CachedBatches:
         self.num_samples = len(pixels)
         self.gather_on = device if on_device else torch.device("cpu")
         self.pixels = pixels.to(self.gather_on)
-        if device.type == "cuda" and not on_device:
-            self.pixels = self.pixels.pin_memory()
         self.labels = labels.to(self.gather_on) if labels is not None else None
+        # Host cache, GPU worker: uint8 batches cross the bus through pinned staging buffers.
+        self.staging = (PinnedStaging((batch_size, *pixels.shape[1:]), device)
+                        if self.gather_on != device else None)
 
     def _indices(self, batch: int, order: torch.Tensor) -> torch.Tensor:
         start = batch * self.global_batch + self.rank * self.batch_size
         return order[start : start + self.batch_size]
 
-    def _fetch(self, index: torch.Tensor) -> Batch:
-        images = self.pixels.index_select(0, index)
+    def _fetch(self, index: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """(images, their copy's event or None, labels): a batch whose copy has started."""
         labels = self.labels.index_select(0, index) if self.labels is not None else None
-        if self.gather_on != self.device:  # host cache, GPU worker: uint8 over the bus
-            images = images.pin_memory().to(self.device, non_blocking=True)
+        if self.staging is not None:
+            return (*self.staging.fetch(self.pixels, index), labels)
+        return self.pixels.index_select(0, index), None, labels
+
+    def _ready(self, fetched: tuple[torch.Tensor, Any, torch.Tensor | None]) -> Batch:
+        images, copied, labels = fetched
+        if self.staging is not None:
+            images = self.staging.ready(images, copied)
         return images, labels
 
     def __call__(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
@@ -185,10 +242,10 @@ class CachedBatches:
         for batch in range(skip_batches, self.num_batches):
             ahead = self._fetch(self._indices(batch, order))  # its copy starts now
             if pending is not None:
-                yield pending
+                yield self._ready(pending)
             pending = ahead
         if pending is not None:
-            yield pending
+            yield self._ready(pending)
 
 
 def training_batches(urls: list[str], *, cache: str, split_shape: tuple[int, ...],

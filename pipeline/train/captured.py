@@ -16,9 +16,11 @@ What a captured step needs (PyTorch's "whole-network capture" recipe):
 * gradients set to None before their backward inside the step, so that backward allocates
   them from the graph's pool and writes (not accumulates) them on every replay;
 * a few warm-up steps on a side stream before capture (lazy optimizer state, cuDNN's choices);
-* no DDP wrapper: its communication hooks invalidate the capture (seen on torch 2.11), so a
-  world size > 1 runs eagerly (a hand-written gradient all-reduce inside the graph would lift
-  that; it is not built).
+* no DDP wrapper: its communication hooks invalidate the capture (seen on torch 2.11). At
+  world size > 1 the gradients are averaged by `collectives.GradientAllReduce` inside the
+  step instead (flat NCCL all-reduces, which a graph records), and torch's SyncBatchNorm skips
+  its empty-rank filter while capturing (pytorch#78549), so the captured multi-GPU step has
+  no host sync; the loop makes every rank agree on captured or eager.
 
 Warm-up steps are real updates. They run on a snapshot-protected state: every parameter,
 buffer, optimizer state tensor and accumulator is copied before, and copied back (in place, so
@@ -60,7 +62,7 @@ class StepState:
 
 
 def capture_blocker(
-    compile_mode: str, device: torch.device, world_size: int, modules: Sequence[nn.Module]
+    compile_mode: str, device: torch.device, modules: Sequence[nn.Module]
 ) -> str | None:
     """Why the step cannot be captured here (one line), or None when it can be tried."""
     if compile_mode not in COMPILE_MODES:
@@ -69,8 +71,6 @@ def capture_blocker(
         return "train.compile=off"
     if device.type != "cuda":
         return f"device is {device.type}: CUDA graphs need a GPU"
-    if world_size > 1:
-        return "world size > 1: DDP's hooks cannot be captured"
     if any(isinstance(module, nn.parallel.DistributedDataParallel) for module in modules):
         return "a model is wrapped in DDP: its hooks cannot be captured"
     return None
@@ -79,7 +79,8 @@ def capture_blocker(
 def set_capturable(optimizers: Sequence[torch.optim.Optimizer], enabled: bool) -> None:
     """Switch optimizers between graph-safe (`capturable`: step counters on the parameter's
     device) and eager (counters on the CPU, as torch keeps them). `load_state_dict` brings back
-    whatever flag the checkpoint's run had, so the loop sets it after loading, every time."""
+    whatever flag the checkpoint's run had, so the loop sets it after loading, every time.
+    Fused Adam keeps its counters on the device either way (its kernel reads them there)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["capturable"] = enabled
@@ -87,7 +88,8 @@ def set_capturable(optimizers: Sequence[torch.optim.Optimizer], enabled: bool) -
                 state = optimizer.state.get(param, {})
                 step = state.get("step")
                 if isinstance(step, torch.Tensor):
-                    device = param.device if enabled else torch.device("cpu")
+                    on_device = enabled or group.get("fused")
+                    device = param.device if on_device else torch.device("cpu")
                     state["step"] = step.to(device=device, dtype=torch.float32)
 
 
@@ -185,13 +187,15 @@ def _warm_up(update: UpdateFn, real: torch.Tensor, noise: torch.Tensor, number: 
 
 def capture(update: UpdateFn, state: StepState, real_shape: Sequence[int],
             noise_shape: Sequence[int], device: torch.device,
-            warmup_steps: int = WARMUP_STEPS, draws_shape: Sequence[int] = (0,)) -> CapturedStep:
-    """Warm `update` up and record it as one CUDA graph over static input tensors. Raises what
-    the warm-up or the capture raised; either way `state` ends as it was before.
+            warmup_steps: int = WARMUP_STEPS, draws_shape: Sequence[int] = (0,),
+            real_format: torch.memory_format = torch.contiguous_format) -> CapturedStep:
+    """Warm `update` up and record it as one CUDA graph over static input tensors (the real
+    batch in `real_format`, the layout the loop's batches come in). Raises what the warm-up
+    or the capture raised; either way `state` ends as it was before.
 
     The warm-up runs on any device (on a CPU it is how the restore is tested); the capture
     needs CUDA and raises RuntimeError elsewhere."""
-    real = torch.zeros(tuple(real_shape), device=device)
+    real = torch.zeros(tuple(real_shape), device=device).contiguous(memory_format=real_format)
     noise = torch.zeros(tuple(noise_shape), device=device)
     number = torch.ones((), dtype=torch.float64, device=device)
     draws = torch.zeros(tuple(draws_shape), device=device)
@@ -225,25 +229,28 @@ class StepChoice:
     mode: str  # "captured" | "eager"
     reason: str
     captured: CapturedStep | None = None
+    tried: bool = False  # whether a capture was attempted (the same answer on every rank)
 
 
-def choose_step(compile_mode: str, *, device: torch.device, world_size: int, update: UpdateFn,
-                state: StepState, real_shape: Sequence[int],
-                noise_shape: Sequence[int], draws_shape: Sequence[int] = (0,)) -> StepChoice:
+def choose_step(compile_mode: str, *, device: torch.device, update: UpdateFn,
+                state: StepState, real_shape: Sequence[int], noise_shape: Sequence[int],
+                draws_shape: Sequence[int] = (0,),
+                real_format: torch.memory_format = torch.contiguous_format) -> StepChoice:
     """Capture the step where `compile_mode` asks and it works, else eager; the optimizers are
     left capturable exactly when the step is captured."""
-    blocker = capture_blocker(compile_mode, device, world_size, state.modules)
+    blocker = capture_blocker(compile_mode, device, state.modules)
     if blocker is not None:
         set_capturable(state.optimizers, False)
         return StepChoice("eager", blocker)
     set_capturable(state.optimizers, True)
     try:
         captured = capture(update, state, real_shape, noise_shape, device,
-                           draws_shape=draws_shape)
+                           draws_shape=draws_shape, real_format=real_format)
     except Exception as err:  # any failure means: train eagerly, and say why
         set_capturable(state.optimizers, False)
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         return StepChoice("eager", f"CUDA graph capture failed: {type(err).__name__}: "
-                                   f"{first_line}")
+                                   f"{first_line}", tried=True)
     return StepChoice("captured", f"the D+G step is one CUDA graph on {device} "
-                                  f"({WARMUP_STEPS} warm-up steps, state restored)", captured)
+                                  f"({WARMUP_STEPS} warm-up steps, state restored)", captured,
+                      tried=True)

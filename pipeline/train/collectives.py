@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.train.shm_allreduce import channel_for
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
 def no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[str, bool]:
@@ -20,6 +26,63 @@ def no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[st
     if "forward_sync_buffers" in known:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Sum `tensor` over `group` (default: the world) in place: through shared memory when
+    every rank of the group is on this machine (see `shm_allreduce`), else through the
+    group's backend."""
+    channel = channel_for(group) if tensor.device.type == "cpu" else None
+    if channel is not None and channel.fits(tensor):
+        channel.all_reduce(tensor)
+    else:
+        dist.all_reduce(tensor, group=group)
+
+
+class GradientAllReduce:
+    """The average over the ranks of one model's gradients, done by hand instead of by DDP:
+    `__call__` after the model's backward. Gradients are packed into flat buckets of at most
+    `bucket_bytes` (by dtype, in reverse parameter order, as DDP does), each all-reduced once
+    and copied back. Nothing here syncs the host or depends on Python state, so a CUDA graph
+    can record it with the step (NCCL collectives can be captured; DDP's hooks cannot).
+
+    The arithmetic is DDP's: through shared memory (CPU ranks on one machine) the sum then
+    the division by the world size, as `shm_allreduce_hook`; otherwise each gradient is first
+    scaled by 1/world size and then summed, as DDP's reducer does. A parameter without a
+    gradient takes part with zeros (as one DDP marks unused)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], world_size: int,
+                 group: dist.ProcessGroup | None = None, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.params = [param for param in params if param.requires_grad]
+        self.world_size, self.group = world_size, group
+        self.buckets: list[list[nn.Parameter]] = []
+        for param in reversed(self.params):
+            last = self.buckets[-1] if self.buckets else None
+            if (last is None or last[0].dtype != param.dtype
+                    or sum(p.numel() * p.element_size() for p in last) + param.numel()
+                    * param.element_size() > bucket_bytes):
+                self.buckets.append([param])
+            else:
+                last.append(param)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        """Replace every gradient of the model by its average over the ranks."""
+        for bucket in self.buckets:
+            grads = [param.grad if param.grad is not None else torch.zeros_like(param)
+                     for param in bucket]
+            flat = torch.cat([grad.reshape(-1) for grad in grads])
+            channel = channel_for(self.group) if flat.device.type == "cpu" else None
+            if channel is not None and channel.fits(flat):
+                channel.all_reduce(flat)
+                flat.div_(self.world_size)
+            else:
+                flat.mul_(1.0 / self.world_size)
+                dist.all_reduce(flat, group=self.group)
+            for param, grad, average in zip(bucket, grads, flat.split(
+                    [grad.numel() for grad in grads]), strict=True):
+                grad.copy_(average.view_as(grad))
+                param.grad = grad
 
 
 def all_gather(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:

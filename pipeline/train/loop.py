@@ -1,9 +1,10 @@
 """The DCGAN training loop of one rank: pure torch, no files, no env vars, no Ray.
 
-Everything outside torch comes in through `LoopHooks` (wrap a model for DDP, persist a
-checkpoint, log rows, publish a grid, fault injection) and a `BatchSource`, so the same loop
-runs under Ray Train (`pipeline.train.ray_runner`), in a plain gloo process group, or in one
-process.
+Everything outside torch comes in through `LoopHooks` (persist a checkpoint, log rows,
+publish a grid, fault injection) and a `BatchSource`, so the same loop runs under Ray Train
+(`pipeline.train.ray_runner`), in a plain gloo process group, or in one process. Where the
+models live and how their gradients are averaged is the loop's own (`placement`): the Ray
+workers, the benchmarks and the tests train the same wrapped models.
 
 Speed: no host sync per step. Losses and D outputs are summed on the device and read (one
 all-reduce, one copy) only every `train.log_every_steps`, at checkpoints and at the end; a
@@ -31,10 +32,10 @@ from pipeline.core.config import Config
 from pipeline.data.pixels import to_signed, to_uint8
 from pipeline.metrics.probe import QualityProbe
 from pipeline.models.dcgan import GeneratorSpec, build_discriminator, build_generator
-from pipeline.train import augment, captured, checkpoints, sync_bn
-from pipeline.train.collectives import all_gather, all_gather_hex
+from pipeline.train import augment, captured, checkpoints, placement, sync_bn
+from pipeline.train.collectives import GradientAllReduce, all_gather, all_gather_hex
 from pipeline.train.ema import GeneratorEma
-from pipeline.train.shm_allreduce import register_ddp_hook, use_shared_memory
+from pipeline.train.shm_allreduce import channel_for, register_ddp_hook, use_shared_memory
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ BatchSource = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor | N
 
 class LoopHooks(Protocol):
     """What the loop needs from its runner (Ray Train in production)."""
-
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Move to the device and wrap for data parallelism (DDP) when world_size > 1."""
 
     def before_step(self, step: int) -> None:
         """Called before every step (1-based); fault injection lives here."""
@@ -146,13 +144,7 @@ class TrainLoop:
         train = cfg.train
         self.total_steps = train.epochs * env.steps_per_epoch
         self.global_batch = train.batch_size * env.world_size
-        # A CUDA graph must not keep autocast's cast cache across replays: off wherever the step
-        # may be captured (the same numbers, a few more casts).
-        blocker = captured.capture_blocker(train.compile, env.device, env.world_size, ())
-        self.autocast = torch.autocast(
-            device_type=env.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16",
-            cache_enabled=blocker is not None,
-        )
+        self.autocast = self._autocast(cache_enabled=True)  # until `_choose_step`
         self.spec = generator_spec(cfg)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -188,24 +180,34 @@ class TrainLoop:
         ).to(env.device)
         self.ema_refreshed_at_step = -1
 
-        # SyncBatchNorm's and DDP's all-reduces; before the first forward.
+        # SyncBatchNorm's and the gradients' all-reduces; before the first forward.
         use_shared_memory(train.cpu_allreduce == "auto")
+        self.gradient_allreduce = placement.choose_gradient_allreduce(
+            train.gradient_allreduce, world_size=env.world_size, device=env.device,
+            compile_mode=train.compile, process_group=dist.is_available() and dist.is_initialized())
         if train.sync_batchnorm and env.world_size > 1:
             # Before DDP wrapping: DDP must see the final modules.
             generator = sync_bn.convert_sync_batchnorm(generator, env.device)
             discriminator = sync_bn.convert_sync_batchnorm(discriminator, env.device)
-        self.generator = hooks.wrap_model(generator)
-        self.discriminator = hooks.wrap_model(discriminator)
-        if env.device.type == "cpu" and env.world_size > 1:
+        self.generator = self._wrap(generator)
+        self.discriminator = self._wrap(discriminator)
+        self.reduce_g = self.reduce_d = None
+        if self.gradient_allreduce.mode == "bucketed":
+            self.reduce_g = GradientAllReduce(self.generator.parameters(), env.world_size)
+            self.reduce_d = GradientAllReduce(self.discriminator.parameters(), env.world_size)
+        if env.device.type == "cpu" and self.gradient_allreduce.mode != "none":
             self._choose_cpu_allreduce(train.cpu_allreduce)
+        if env.rank == 0 and self.gradient_allreduce.mode != "none":
+            logger.info("gradient all-reduce: %s (%s)", self.gradient_allreduce.mode,
+                        self.gradient_allreduce.reason)
         self.fixed_noise = self.fixed_noise.to(env.device)
 
-        betas = (train.beta1, train.beta2)
+        betas, adam = (train.beta1, train.beta2), placement.adam_options(env.device)
         self.opt_g = torch.optim.Adam(
-            unwrap(self.generator).parameters(), lr=train.lr_g, betas=betas
+            unwrap(self.generator).parameters(), lr=train.lr_g, betas=betas, **adam
         )
         self.opt_d = torch.optim.Adam(
-            unwrap(self.discriminator).parameters(), lr=train.lr_d, betas=betas
+            unwrap(self.discriminator).parameters(), lr=train.lr_d, betas=betas, **adam
         )
         self.criterion = nn.BCEWithLogitsLoss()
         if resume_state is not None:
@@ -238,12 +240,14 @@ class TrainLoop:
         ema = GeneratorEma(generator, half_life, self.global_batch)
         if state is not None and state["generator_ema"] is not None:
             ema.load_state_dict(state["generator_ema"])
-        ema.model.to(self.env.device)
+        # The layout of the generator's own weights: one foreach lerp over matching strides.
+        placement.place_module(ema.model, self.env.device)
         return ema
 
     def _load_progress(self, state: checkpoints.TrainState) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        for optimizer, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
+            optimizer.load_state_dict(state[key])
+            placement.keep_own_implementation(optimizer)
         self.step = int(state["step"])
         self.log_rows = list(state["log_rows"])
         self.quality_rows = list(state["quality_rows"])
@@ -267,10 +271,26 @@ class TrainLoop:
         if self.env.rank == 0:
             logger.warning("%s: noise and augmentation streams restart from the seed", why)
 
+    def _autocast(self, cache_enabled: bool) -> torch.autocast:
+        train = self.cfg.train
+        return torch.autocast(device_type=self.env.device.type, dtype=torch.bfloat16,
+                              enabled=train.precision == "bf16", cache_enabled=cache_enabled)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The model on this rank's device in its layout, in DDP where DDP averages."""
+        model = placement.place_module(model, self.env.device)
+        if self.gradient_allreduce.mode == "ddp":
+            return placement.data_parallel(model, self.env.device)
+        return model
+
     def _choose_cpu_allreduce(self, setting: str) -> None:
         """Ranks on one x86 machine average gradients (and SyncBN statistics) through shared
         memory, not gloo's TCP (`train.cpu_allreduce=auto`); `gloo` keeps gloo throughout."""
-        shared = [register_ddp_hook(model) for model in (self.generator, self.discriminator)]
+        models = (self.generator, self.discriminator)
+        if self.gradient_allreduce.mode == "ddp":
+            shared = [register_ddp_hook(model) for model in models]
+        else:  # the bucketed all-reduce asks `collectives` for the channel itself
+            shared = [channel_for() is not None]
         if self.env.rank == 0:
             how = ("shared memory (train.cpu_allreduce=auto: the ranks share this machine)"
                    if all(shared) else
@@ -328,19 +348,31 @@ class TrainLoop:
     def _choose_step(self) -> None:
         """Captured (one CUDA graph, `train.compile: auto` on a GPU) or eager `train_step`:
         sets `step_mode` and `step_mode_reason`, logged once. After the resume state is
-        loaded, so the graph is recorded over the live (resumed) tensors."""
+        loaded, so the graph is recorded over the live (resumed) tensors. Every rank takes
+        the same way (a rank whose capture failed makes them all eager)."""
         cfg, env = self.cfg, self.env
+        # A CUDA graph must not keep autocast's cast cache across replays: off while the step
+        # may be captured, on again for an eager step (the same numbers, fewer casts).
+        self.autocast = self._autocast(cache_enabled=False)
         choice = captured.choose_step(
-            cfg.train.compile, device=env.device, world_size=env.world_size,
-            update=self.train_step,
+            cfg.train.compile, device=env.device, update=self.train_step,
             state=captured.StepState((self.generator, self.discriminator),
                                      (self.opt_g, self.opt_d),
                                      (self.sums, self.first_bad_step, self.ada_sums)),
             real_shape=(cfg.train.batch_size, cfg.data.channels, cfg.data.image_size,
                         cfg.data.image_size),
             noise_shape=(cfg.train.batch_size, cfg.model.nz),
-            draws_shape=self.draws_shape,
+            draws_shape=self.draws_shape, real_format=placement.memory_format(env.device),
         )
+        if env.world_size > 1 and choice.tried:
+            captured_everywhere = torch.tensor(float(choice.captured is not None),
+                                               device=env.device)
+            dist.all_reduce(captured_everywhere, op=dist.ReduceOp.MIN)
+            if choice.captured is not None and not bool(captured_everywhere):
+                captured.set_capturable((self.opt_g, self.opt_d), False)
+                choice = captured.StepChoice("eager", "another rank's CUDA graph capture failed",
+                                             tried=True)
+        self.autocast = self._autocast(cache_enabled=choice.captured is None)
         self.step_mode, self.step_mode_reason = choice.mode, choice.reason
         self.captured_step = choice.captured
         if env.rank == 0:
@@ -377,7 +409,14 @@ class TrainLoop:
         # `logits * 0`: every parameter of D takes part, as DDP's reducer expects of a backward.
         gain = train.r1_gamma / 2 * train.r1_every_steps
         (penalty * gain + logits * 0).mean().backward()
+        self._average_gradients(self.reduce_d)
         self.opt_d.step()
+
+    @staticmethod
+    def _average_gradients(reduce: GradientAllReduce | None) -> None:
+        """The bucketed all-reduce of one model's gradients (DDP does it in the backward)."""
+        if reduce is not None:
+            reduce()
 
     def train_step(
         self, real: torch.Tensor, noise: torch.Tensor, step: torch.Tensor | None = None,
@@ -404,6 +443,7 @@ class TrainLoop:
                 logits_fake, torch.zeros_like(logits_fake)
             )
         loss_d.backward()
+        self._average_gradients(self.reduce_d)
         self.opt_d.step()
 
         # G: D's weights need no gradient here; no_sync keeps DDP from all-reducing D.
@@ -419,6 +459,7 @@ class TrainLoop:
         finally:
             for param in d_params:
                 param.requires_grad_(True)
+        self._average_gradients(self.reduce_g)
         self.opt_g.step()
 
         if step is None:
@@ -616,7 +657,7 @@ class TrainLoop:
         self._initial_grid()
         for epoch, images in self._batches(source):
             self.hooks.before_step(self.step + 1)
-            real = to_signed(images.to(device, non_blocking=True))
+            real = to_signed(placement.place_batch(images, device))
             noise = torch.randn(batch_size, nz, device=device, generator=self.noise_rng)
             self._step(real, noise)
 

@@ -4,9 +4,10 @@ Driver (`resolve_cluster`, `fit`): joins the cluster (`connect`), makes auto wor
 runs `TorchTrainer` (DDP ranks, retries with `FailureConfig`) and hands back the FINAL
 checkpoint's state, so outputs are written on the driver even when rank 0 ran on another node.
 
-Worker (`train_worker`): resumes from `ray.train.get_checkpoint()`, runs `loop.TrainLoop` with
-hooks that wrap models with `prepare_model`, report checkpoints on every rank, log to MLflow on
-rank 0 only, and fire the fault that the plan carries (tests).
+Worker (`train_worker`): resumes from `ray.train.get_checkpoint()`, runs `loop.TrainLoop` (which
+places and wraps its models itself, `placement`, as Ray's `prepare_model` would) with hooks that
+report checkpoints on every rank, log to MLflow on rank 0 only, and fire the fault that the
+plan carries (tests).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pipeline.core.connect import connect_ray, job_logs_command
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
 from pipeline.metrics.probe import QualityProbe
-from pipeline.train import checkpoints, mlflow_run, resume
-from pipeline.train.collectives import all_gather_hex, no_forward_buffer_sync
+from pipeline.train import checkpoints, mlflow_run, placement, resume
+from pipeline.train.collectives import all_gather_hex
 from pipeline.train.loop import LoopEnv, LoopResult, TrainLoop
 from pipeline.train.preflight import (
     NodeResources,
@@ -53,8 +54,8 @@ WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_
 
 
 class RayHooks:
-    """`loop.LoopHooks` on Ray Train: DDP via prepare_model, checkpoints via report, MLflow on
-    rank 0, fault injection."""
+    """`loop.LoopHooks` on Ray Train: checkpoints via report, MLflow on rank 0, fault
+    injection."""
 
     def __init__(self, rank: int, plan: WorkerPlan) -> None:
         self.rank = rank
@@ -71,11 +72,6 @@ class RayHooks:
     def _new(self, kind: str, step: int) -> bool:
         """False for what a resumed MLflow run already holds (its history is not repeated)."""
         return step > self.plan.logged_through.get(kind, -1)
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        from ray.train.torch import prepare_model
-
-        return prepare_model(model, parallel_strategy_kwargs=no_forward_buffer_sync())
 
     def before_step(self, step: int) -> None:
         fault = self.plan.fault
@@ -137,6 +133,7 @@ def train_worker(plan: WorkerPlan) -> LoopResult:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     device = ray.train.torch.get_device()
+    placement.configure_process(device)
 
     state = None
     checkpoint = ray.train.get_checkpoint()

@@ -21,17 +21,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline.train.shm_allreduce import channel_for
-
-
-def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Sum `tensor` over `group` in place: through shared memory when every rank of the
-    group is on this machine (see `shm_allreduce`), else through the group's backend."""
-    channel = channel_for(group) if tensor.device.type == "cpu" else None
-    if channel is not None and channel.fits(tensor):
-        channel.all_reduce(tensor)
-    else:
-        dist.all_reduce(tensor, group=group)
+from pipeline.train.collectives import all_reduce
 
 
 def _is_synchronized(process_group: dist.ProcessGroup | None) -> bool:
