@@ -28,13 +28,19 @@ def no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[st
     return {"broadcast_buffers": False}
 
 
+def _through_shared_memory(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether `all_reduce` sums `tensor` through shared memory (the same answer on every
+    rank of `group`)."""
+    channel = channel_for(group) if tensor.device.type == "cpu" else None
+    return channel is not None and channel.fits(tensor)
+
+
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
     """Sum `tensor` over `group` (default: the world) in place: through shared memory when
     every rank of the group is on this machine (see `shm_allreduce`), else through the
     group's backend."""
-    channel = channel_for(group) if tensor.device.type == "cpu" else None
-    if channel is not None and channel.fits(tensor):
-        channel.all_reduce(tensor)
+    if _through_shared_memory(tensor, group):
+        channel_for(group).all_reduce(tensor)
     else:
         dist.all_reduce(tensor, group=group)
 
@@ -56,14 +62,16 @@ class GradientAllReduce:
         self.params = [param for param in params if param.requires_grad]
         self.world_size, self.group = world_size, group
         self.buckets: list[list[nn.Parameter]] = []
+        filled = 0  # bytes in the last bucket
         for param in reversed(self.params):
+            size = param.numel() * param.element_size()
             last = self.buckets[-1] if self.buckets else None
-            if (last is None or last[0].dtype != param.dtype
-                    or sum(p.numel() * p.element_size() for p in last) + param.numel()
-                    * param.element_size() > bucket_bytes):
+            if last is None or last[0].dtype != param.dtype or filled + size > bucket_bytes:
                 self.buckets.append([param])
+                filled = size
             else:
                 last.append(param)
+                filled += size
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -72,13 +80,12 @@ class GradientAllReduce:
             grads = [param.grad if param.grad is not None else torch.zeros_like(param)
                      for param in bucket]
             flat = torch.cat([grad.reshape(-1) for grad in grads])
-            channel = channel_for(self.group) if flat.device.type == "cpu" else None
-            if channel is not None and channel.fits(flat):
-                channel.all_reduce(flat)
-                flat.div_(self.world_size)
-            else:
+            summed_first = _through_shared_memory(flat, self.group)
+            if not summed_first:
                 flat.mul_(1.0 / self.world_size)
-                dist.all_reduce(flat, group=self.group)
+            all_reduce(flat, self.group)
+            if summed_first:
+                flat.div_(self.world_size)
             for param, grad, average in zip(bucket, grads, flat.split(
                     [grad.numel() for grad in grads]), strict=True):
                 grad.copy_(average.view_as(grad))

@@ -144,7 +144,6 @@ class TrainLoop:
         train = cfg.train
         self.total_steps = train.epochs * env.steps_per_epoch
         self.global_batch = train.batch_size * env.world_size
-        self.autocast = self._autocast(cache_enabled=True)  # until `_choose_step`
         self.spec = generator_spec(cfg)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
