@@ -37,10 +37,9 @@ def tiny_config(**overrides: object) -> Config:
 
 
 class LocalHooks:
-    """`training.LoopHooks` without Ray: plain DDP, checkpoints kept in memory."""
+    """`training.LoopHooks` without Ray: checkpoints kept in memory (the loop wraps for DDP)."""
 
-    def __init__(self, world_size: int = 1) -> None:
-        self.world_size = world_size
+    def __init__(self) -> None:
         self.saved: list[dict] = []
         self.quality: list[dict] = []
 
@@ -72,7 +71,7 @@ def _steps_on_ranks(rank: int, world_size: int, real: torch.Tensor, noise: torch
     cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": per_rank,
                          "train.cpu_allreduce": cpu_allreduce})
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), steps_per_epoch=10)
-    loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
+    loop = training.TrainLoop(cfg, env, LocalHooks())
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     for step_real, step_noise in zip(real, noise, strict=True):
         loop.train_step(step_real[mine], step_noise[mine])
@@ -126,8 +125,8 @@ class StopBeforeError(Exception):
 class StoppingHooks(LocalHooks):
     """LocalHooks that interrupt the run before step `stop_before` (0: never)."""
 
-    def __init__(self, world_size: int, stop_before: int) -> None:
-        super().__init__(world_size)
+    def __init__(self, stop_before: int) -> None:
+        super().__init__()
         self.stop_before = stop_before
 
     def before_step(self, step):
@@ -150,7 +149,7 @@ def _trained_on_ranks(rank: int, world_size: int, pool: torch.Tensor, gradients:
         "train.checkpoint_every_steps": checkpoint_every, "train.ema_half_life_images": 100,
     })
     state = checkpoints.load_state(state_file) if state_file and not stop_before else None
-    hooks = StoppingHooks(world_size, stop_before)
+    hooks = StoppingHooks(stop_before)
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), EQUIVALENCE_STEPS)
     loop = training.TrainLoop(cfg, env, hooks, state)
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
