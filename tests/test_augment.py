@@ -112,7 +112,7 @@ def _adaptive_p_on_ranks(rank: int, world_size: int) -> dict:
     cfg = tiny_config("train.augment=adaptive", "train.ada_every_steps=2",
                       "train.ada_speed_images=64")
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), STEPS_PER_EPOCH)
-    loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
+    loop = training.TrainLoop(cfg, env, LocalHooks())
     data = torch.Generator().manual_seed(100 + rank)
     history = []
     for _ in range(STEPS_PER_EPOCH):

@@ -170,7 +170,7 @@ def _two_rank_run(rank: int, world_size: int) -> dict:
     """Two DDP ranks for one epoch; rank 0 alone measures quality (as under Ray)."""
     reference, _ = _reference()
     probe = QualityProbe(reference, torch.device("cpu")) if rank == 0 else None
-    hooks = LocalHooks(world_size)
+    hooks = LocalHooks()
     cfg = tiny_config(**{"data.image_size": 16, "train.batch_size": 2, "train.epochs": 1,
                          "train.checkpoint_every_steps": 5, "train.ema_half_life_images": 40,
                          "train.eval_every_images": 0})

@@ -69,7 +69,7 @@ def _r1_gradients(rank: int, world_size: int, real: torch.Tensor) -> dict:
     """One R1 update of D on this rank's share of `real`: D's gradients and weights after."""
     cfg = tiny_config("train.r1_gamma=1", f"train.batch_size={len(real) // world_size}")
     env = training.LoopEnv(rank, world_size, torch.device("cpu"), STEPS_PER_EPOCH)
-    loop = training.TrainLoop(cfg, env, LocalHooks(world_size))
+    loop = training.TrainLoop(cfg, env, LocalHooks())
     share = real.chunk(world_size)[rank]
     loop._r1_step(share, loop._draw())
     discriminator = training.unwrap(loop.discriminator)
