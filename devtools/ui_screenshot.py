@@ -2,14 +2,15 @@
 headless Chromium, save a screenshot and check what the rendered page holds.
 
     python -m devtools.ui_screenshot [--backend-store-uri sqlite:///mlflow.db] [--run RUN_ID]
-                                     [--tab model-metrics|overview] [--out ui_run.png]
+                                     [--tab model-metrics|overview ...] [--out ui_run.png]
 
 Default run: the one of reports/train_run.json, else the newest. The `model-metrics` tab (the
 default) must show the sample grids (`train/samples` while training, `eval/samples` of the
 evaluated generator), the loss charts and the FID chart; the
-`overview` tab the run's description. Prints what it found as JSON; exit 1 if something is
-missing, 2 if Chromium is not installed (Debian: `apt-get install chromium`). Everything it
-starts is stopped before it returns.
+`overview` tab the run's description. Several tabs: one `mlflow ui` serves them all, and each
+screenshot is `--out` with `_<tab>` before its suffix. Prints what it found as JSON, a line per
+tab; exit 1 if something is missing, 2 if Chromium is not installed (Debian: `apt-get install
+chromium`). Everything it starts is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     cli.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
     cli.add_argument("--run", default="", help="run id (default: reports/train_run.json's)")
-    cli.add_argument("--tab", choices=sorted(EXPECTED), default="model-metrics")
+    cli.add_argument("--tab", nargs="+", choices=sorted(EXPECTED), default=["model-metrics"])
     cli.add_argument("--out", type=Path, default=Path("ui_run.png"))
     cli.add_argument("--width", type=int, default=1800)
     cli.add_argument("--height", type=int, default=4000)  # tall enough for the fid chart, last
@@ -176,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         experiment_id, run_id = default_run(args.backend_store_uri,
                                             Path("reports/train_run.json"))
-    page = Page(experiment_id, run_id, args.tab)
+    complete = True
     with mlflow_ui(args.backend_store_uri) as base:
-        found = capture(chromium, page, base, args.out, args.width, args.height)
-    print(json.dumps({"url": page.url(base), "screenshot": str(args.out), "found": found}))
-    return 0 if all(found.values()) else 1
+        for tab in args.tab:
+            page = Page(experiment_id, run_id, tab)
+            out = args.out if len(args.tab) == 1 else args.out.with_name(
+                f"{args.out.stem}_{tab}{args.out.suffix}")
+            found = capture(chromium, page, base, out, args.width, args.height)
+            complete &= all(found.values())
+            print(json.dumps({"url": page.url(base), "screenshot": str(out), "found": found}),
+                  flush=True)
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

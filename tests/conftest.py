@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # `python tests/test_x.py`: devtools/ lies b
 for _package in ("pipeline", "devtools", "stages", "deploy"):
     compileall.compile_dir(REPO_ROOT / _package, quiet=1)
 
+from devtools import cpu_profile  # noqa: E402
 from devtools.gloo import free_port  # noqa: E402
 from pipeline.core.records import DatasetStats  # noqa: E402
 
@@ -39,6 +40,10 @@ VENV_BIN = Path(sys.executable).parent
 
 # The integration tier: whatever needs Ray, an MLflow server, DVC or a trained classifier.
 SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "featurized_repo", "readme_cluster"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cpu_profile.register(config)  # the summary's "busiest tests" (devtools/cpu_profile.py)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

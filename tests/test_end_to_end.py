@@ -216,18 +216,20 @@ def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(pipeline_rep
     if find_chromium() is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium): UI not checked")
     repo, _ = pipeline_repo
-    for tab in ("model-metrics", "overview"):
-        shot = tmp_path / f"ui_{tab}.png"
-        result = subprocess.run(
-            [sys.executable, "-m", "devtools.ui_screenshot", "--backend-store-uri",
-             f"sqlite:///{repo / 'mlflow.db'}", "--tab", tab, "--out", str(shot)],
-            cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
-        )
-        print(result.stdout)  # the screenshot's path, for a person to look at
-        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-        found = json.loads(result.stdout.strip().splitlines()[-1])["found"]
-        assert all(found.values()), found
-        with Image.open(shot) as image:
+    tabs = ("model-metrics", "overview")
+    result = subprocess.run(
+        [sys.executable, "-m", "devtools.ui_screenshot", "--backend-store-uri",
+         f"sqlite:///{repo / 'mlflow.db'}", "--tab", *tabs, "--out", str(tmp_path / "ui.png")],
+        cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=600,
+    )
+    print(result.stdout)  # the screenshots' paths, for a person to look at
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    pages = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [page["screenshot"] for page in pages] == [str(tmp_path / f"ui_{tab}.png")
+                                                      for tab in tabs]
+    for page in pages:
+        assert all(page["found"].values()), page
+        with Image.open(page["screenshot"]) as image:
             # A rendered page, not a blank one: many colours.
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 100
 
