@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.train.shm_allreduce import channel_for
+from pipeline.train.shm_allreduce import ShmAllReduce, channel_for
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
@@ -28,19 +28,21 @@ def no_forward_buffer_sync(ddp_class: type = DistributedDataParallel) -> dict[st
     return {"broadcast_buffers": False}
 
 
-def _through_shared_memory(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
-    """Whether `all_reduce` sums `tensor` through shared memory (the same answer on every
-    rank of `group`)."""
+def _shared_memory_channel(tensor: torch.Tensor,
+                           group: dist.ProcessGroup | None) -> ShmAllReduce | None:
+    """The shared-memory channel that sums `tensor` over `group`, or None: the group's
+    backend does (the same answer on every rank of `group`)."""
     channel = channel_for(group) if tensor.device.type == "cpu" else None
-    return channel is not None and channel.fits(tensor)
+    return channel if channel is not None and channel.fits(tensor) else None
 
 
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
     """Sum `tensor` over `group` (default: the world) in place: through shared memory when
     every rank of the group is on this machine (see `shm_allreduce`), else through the
     group's backend."""
-    if _through_shared_memory(tensor, group):
-        channel_for(group).all_reduce(tensor)
+    channel = _shared_memory_channel(tensor, group)
+    if channel is not None:
+        channel.all_reduce(tensor)
     else:
         dist.all_reduce(tensor, group=group)
 
@@ -80,12 +82,13 @@ class GradientAllReduce:
             grads = [param.grad if param.grad is not None else torch.zeros_like(param)
                      for param in bucket]
             flat = torch.cat([grad.reshape(-1) for grad in grads])
-            summed_first = _through_shared_memory(flat, self.group)
-            if not summed_first:
-                flat.mul_(1.0 / self.world_size)
-            all_reduce(flat, self.group)
-            if summed_first:
+            channel = _shared_memory_channel(flat, self.group)
+            if channel is not None:
+                channel.all_reduce(flat)
                 flat.div_(self.world_size)
+            else:
+                flat.mul_(1.0 / self.world_size)
+                dist.all_reduce(flat, group=self.group)
             for param, grad, average in zip(bucket, grads, flat.split(
                     [grad.numel() for grad in grads]), strict=True):
                 grad.copy_(average.view_as(grad))
