@@ -20,7 +20,6 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +45,21 @@ def _work(seconds: float) -> None:
         a = torch.tanh(a @ a)
 
 
+def _report(directory: str) -> None:
+    import ray.train
+
+    ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
 def worker(config: dict[str, Any]) -> None:
     """Work, then report a small checkpoint; `config["report"]` False: no Ray at all."""
-    report: Callable[[Path], None]
-    if config["report"]:
-        import ray.train
-
-        def report(directory: Path) -> None:
-            ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-    else:
-        def report(directory: Path) -> None:
-            pass
     torch.set_num_threads(1)
     for index in range(config["reports"]):
         _work(config["work_s"])
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / "state.txt").write_text(str(index))
-            report(Path(directory))
+            if config["report"]:
+                _report(directory)
 
 
 def _fit(args: argparse.Namespace, poll_s: str, root: Path) -> float:
@@ -85,16 +82,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     plain_config = {"report": False, "reports": args.reports, "work_s": args.work_s}
+    ours = f"ray_{CONTROLLER_POLL_S}s"
     try:
         with tempfile.TemporaryDirectory(prefix="controller_poll_") as root:
             seconds = interleaved({
                 "plain": lambda: timed(lambda: worker(plain_config)),
                 "ray_2s": lambda: _fit(args, "2", Path(root)),
-                f"ray_{CONTROLLER_POLL_S}s": lambda: _fit(args, CONTROLLER_POLL_S, Path(root)),
+                ours: lambda: _fit(args, CONTROLLER_POLL_S, Path(root)),
             }, args.repeats)
     finally:
         ray.shutdown()
-    ours = f"ray_{CONTROLLER_POLL_S}s"
     results: dict[str, Any] = {
         "machine": machine(), "reports": args.reports, "work_s": args.work_s,
         **{f"{name}_s": summarise(values) for name, values in seconds.items()},
