@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import compileall
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,10 +49,49 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses a slow fixture `slow`, so `-m "not slow"` is the fast tier."""
+    """Mark every test that uses a slow fixture `slow`, so `-m "not slow"` is the fast tier.
+    Run the tests that need the trained classifier after the others (it trains in the
+    background from the first test) and report the `background` tests last."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: (item.get_closest_marker("background") is not None,
+                                 "featurized_repo" in getattr(item, "fixturenames", ())))
+
+
+# --- tests whose bodies run in the background ---------------------------------------------------
+
+# Subprocess chains of minutes (a whole `dvc repro` and its experiments) that keep one core
+# busy in turns: their subprocesses run at nice 19 (`BACKGROUND_NICE`) in one thread from the
+# session's first test, on the CPU time the foreground tests leave idle. The test item, reported
+# last, waits for its body's outcome: its assertions, skips and errors are the body's own.
+BACKGROUND_NICE = ["nice", "-n", "19"]
+_background_bodies: dict[str, Future] = {}
+
+
+def run_in_background(request: pytest.FixtureRequest) -> None:
+    """Start the body of every selected `@pytest.mark.background` test, in order, in one
+    thread (their fixtures must be session-scoped: they are set up now)."""
+    chosen = [item for item in request.session.items
+              if isinstance(item, pytest.Function) and item.get_closest_marker("background")]
+    if not chosen:
+        return
+    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-test")
+    for item in chosen:
+        names = inspect.signature(item.function).parameters
+        kwargs = {name: request.getfixturevalue(name) for name in names}
+        _background_bodies[item.nodeid] = runner.submit(item.function, **kwargs)
+    runner.shutdown(wait=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A background test's outcome is its body's, waited for here."""
+    body = _background_bodies.get(pyfuncitem.nodeid)
+    if body is None:
+        return None
+    body.result()  # re-raises the body's assertion, skip or error
+    return True
 
 
 def wait_for_http(url: str, timeout_s: float = 120.0) -> None:
@@ -295,11 +336,12 @@ def classifier_in_background(mnist_shards, tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def expensive_fixtures_started_early(request):
-    """Start the session's long background stages at the first test, when a selected test
-    needs them (never in `make test-fast`, which selects none)."""
+    """Start the session's long background stages and background tests at the first test,
+    when selected tests need them (never in `make test-fast`, which selects none)."""
     if any("featurized_repo" in getattr(item, "fixturenames", ())
            for item in request.session.items):
         request.getfixturevalue("classifier_in_background")
+    run_in_background(request)
 
 
 @pytest.fixture(scope="session")

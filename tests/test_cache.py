@@ -15,6 +15,7 @@ from pipeline.data.cache import (
     CachedBatches,
     PinnedStaging,
     choose_cache,
+    decode_process_count,
     decode_split,
     epoch_permutation,
     training_batches,
@@ -53,6 +54,14 @@ def test_decode_split_keeps_shard_order_in_one_or_several_processes(tmp_path):
     assert labels.tolist() == [i % 10 for i in range(14)]
     in_pool, _ = decode_split(urls, num_processes=2)
     assert torch.equal(in_pool, pixels)
+
+
+@pytest.mark.parametrize(("samples", "most", "processes"), [
+    (4_500, 2, 1),  # mnist5k's train split: one process decodes it before a pool has started
+    (39_999, 8, 1), (40_000, 8, 2), (200_000, 8, 8), (200_000, 1, 1), (0, 4, 1)])
+def test_a_split_gets_a_decode_process_per_20000_samples_up_to_the_workers_cpus(samples, most,
+                                                                             processes):
+    assert decode_process_count(samples, most) == processes
 
 
 @pytest.mark.parametrize(("samples", "world_size", "batch_size"), [(24, 2, 4), (25, 3, 2)])

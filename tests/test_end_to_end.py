@@ -4,7 +4,10 @@
 sweep queued with `dvc exp run --queue -S 'train.lr_d=0.0001,0.0003'` and run by `dvc queue
 start` lands in the workspace's MLflow store and compares with `python -m pipeline compare
 --dvc-exp`, `dvc metrics show` / `dvc plots show` read what the stages wrote, and the MLflow UI
-shows a run in a real browser."""
+shows a run in a real browser.
+
+Each test is a `background` test (tests/conftest.py): its body runs, niced, in a thread from the
+session's first test, and the test reports its outcome at the end of the session."""
 
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import fresh_git_repo, git, stage_env
+from conftest import BACKGROUND_NICE, fresh_git_repo, git, stage_env
 from mlflow import MlflowClient
 from PIL import Image
 
 from devtools.ui_screenshot import find_chromium
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.background]
 
 # `dvc exp show --drop '.*' --keep ...` of the README's "Sweeps": the columns that compare a sweep.
 SWEEP_COLUMNS = r"Experiment|^train\.(epochs|lr_g|lr_d)$|^fid_classifier$|^classes_hit$"
@@ -40,12 +43,14 @@ TINY_PARAMS = {
 
 
 def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
-    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide; return its
-    output, fail with it on error."""
-    env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns)}
+    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide (at nice 19:
+    these tests run in the background); return its output, fail with it on error."""
+    env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
+           # Niced beside the suite, a worker group can take longer than Ray's 60 s to start.
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     env.pop("RAY_ADDRESS", None)  # train starts its own local Ray, as on a laptop
-    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
     return output
@@ -67,12 +72,16 @@ def _ran(output: str) -> set[str]:
             if f"Running stage '{stage}'" in output}
 
 
-@pytest.fixture(scope="module")
+_pipeline_repo: list[tuple[Path, str]] = []
+
+
 def pipeline_repo(tmp_path_factory) -> tuple[Path, str]:
-    """A fresh tiny repository after its first `dvc repro`; yields (repo, repro's output).
-    The tests below add experiments to it, in file order."""
-    repo = fresh_git_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
-    yield repo, _dvc(repo, "repro")
+    """A fresh tiny repository after its first `dvc repro`, made once; returns (repo, repro's
+    output). The tests below add experiments to it, in file order."""
+    if not _pipeline_repo:
+        repo = fresh_git_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY_PARAMS)
+        _pipeline_repo.append((repo, _dvc(repo, "repro")))
+    return _pipeline_repo[0]
 
 
 def _mlflow(repo: Path) -> MlflowClient:
@@ -99,7 +108,7 @@ def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
         if tasks and all(status == "Success" for status in tasks.values()):
             return sorted(tasks)
         assert time.monotonic() < deadline, f"queue still busy: {tasks}"
-        time.sleep(5)
+        time.sleep(15)  # each look is a dvc start (~0.8 s of CPU); nobody waits on the latency
 
 
 def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:
@@ -143,7 +152,7 @@ def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:
 def _compare_the_sweep(repo: Path, names: list[str]) -> None:
     """`python -m pipeline compare --dvc-exp ...`: one image, one table for the sweep."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "compare", "--dvc-exp", *names,
+        [*BACKGROUND_NICE, sys.executable, "-m", "pipeline", "compare", "--dvc-exp", *names,
          "--out", "reports/sweep.png", "--table", "reports/sweep.md"],
         cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=300,
     )
@@ -156,8 +165,8 @@ def _compare_the_sweep(repo: Path, names: list[str]) -> None:
         assert image.width == 2 * 3 * 138 + 8
 
 
-def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
-    repo, first = pipeline_repo
+def test_dvc_repro_experiments_metrics_and_plots(tmp_path_factory):
+    repo, first = pipeline_repo(tmp_path_factory)
     assert _ran(first) == {"prepare", "classifier", "train", "evaluate", "register"}
     missing = [path for path in _declared_outputs(repo) if not (repo / path).exists()]
     assert not missing, f"dvc repro did not produce {missing}"
@@ -210,12 +219,14 @@ def test_dvc_repro_experiments_metrics_and_plots(pipeline_repo):
     assert "Classifier FID while training" in html  # reports/train_quality.csv
 
 
-def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(pipeline_repo, tmp_path):
+def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(tmp_path_factory):
     """The real UI in a real browser (Debian's headless Chromium): the run's page shows its
-    sample grid, its loss charts and its FID chart; its overview, the description."""
+    sample grid, its loss charts and its FID chart; its overview, the description. (Not
+    niced: a starved browser would time out.)"""
     if find_chromium() is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium): UI not checked")
-    repo, _ = pipeline_repo
+    repo, _ = pipeline_repo(tmp_path_factory)
+    tmp_path = tmp_path_factory.mktemp("ui")
     tabs = ("model-metrics", "overview")
     result = subprocess.run(
         [sys.executable, "-m", "devtools.ui_screenshot", "--backend-store-uri",

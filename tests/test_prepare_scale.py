@@ -178,18 +178,21 @@ def test_a_ray_task_that_dies_is_retried(ray_cluster, folder, one_process, tmp_p
     monkeypatch.setenv(FAULT_ENV, "train-000001.tar")
     prepare_dataset(data_cfg(folder, backend="ray"), Layout(tmp_path))
     assert outputs(tmp_path) == outputs(one_process)
-    assert retried_task_attempts("write_shard_task"), "the injected fault never fired"
+    assert retried_task_attempts(ray_cluster, "write_shard_task"), (
+        "the injected fault never fired")
 
 
-def retried_task_attempts(function: str, timeout_s: float = 60.0) -> list[int]:
-    """Attempt numbers above 0 of `function`'s Ray tasks, from the state API (task events
-    arrive with a delay: polled, bounded)."""
+def retried_task_attempts(ray, function: str, timeout_s: float = 60.0) -> list[int]:
+    """Attempt numbers above 0 of `function`'s Ray tasks, from the state API of the cluster
+    `ray` is connected to (named: other local Rays may run beside it; task events arrive with
+    a delay: polled, bounded)."""
     from ray.util.state import list_tasks
 
+    address = ray.get_runtime_context().gcs_address
     deadline = time.monotonic() + timeout_s
     while True:
         attempts = [task.attempt_number for task in list_tasks(
-            filters=[("func_or_class_name", "=", function)], limit=10_000,
+            address=address, filters=[("func_or_class_name", "=", function)], limit=10_000,
             raise_on_missing_output=False) if task.attempt_number > 0]
         if attempts or time.monotonic() > deadline:
             return attempts

@@ -515,3 +515,21 @@ def test_the_ddp_buffer_keyword_is_the_one_the_installed_torch_knows():
     assert no_forward_buffer_sync(OlderDDP) == {"broadcast_buffers": False}
     OlderDDP(torch.nn.Linear(1, 1), **no_forward_buffer_sync(OlderDDP))
     assert no_forward_buffer_sync() == {"forward_sync_buffers": False}  # the pinned 2.13
+
+
+@pytest.mark.parametrize(("started_here", "operator", "watcher"), [
+    (True, None, "0"), (False, None, None), (True, "1", "1")])
+def test_a_ray_of_the_stages_own_runs_no_preemption_watcher(monkeypatch, started_here, operator,
+                                                            watcher):
+    """What the driver hands Ray Train's controller: the 0.25 s poll always; the preemption
+    watcher off only on a Ray the stage started itself (nothing drains its one node); an
+    operator's own setting wins."""
+    from pipeline.train import ray_runner
+
+    monkeypatch.delenv(ray_runner.CONTROLLER_POLL_ENV, raising=False)
+    monkeypatch.delenv(ray_runner.PREEMPTION_WATCHER_ENV, raising=False)
+    if operator is not None:
+        monkeypatch.setenv(ray_runner.PREEMPTION_WATCHER_ENV, operator)
+    ray_runner.set_controller_env(ray_started_here=started_here)
+    assert os.environ[ray_runner.CONTROLLER_POLL_ENV] == ray_runner.CONTROLLER_POLL_S
+    assert os.environ.get(ray_runner.PREEMPTION_WATCHER_ENV) == watcher

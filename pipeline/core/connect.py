@@ -19,8 +19,9 @@ JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for its entry
 PROBE_TIMEOUT_S = 10.0
 ENV_HINT = "`source .ray_cluster/cluster.env` after `make cluster-up`"
 
-# The dashboard of the cluster joined, as `ray.init` reported it: `ray job logs` needs it.
-_joined: dict[str, str] = {}
+# The dashboard of the cluster joined, as `ray.init` reported it (`ray job logs` needs it), and
+# whether that Ray was started by this process.
+_joined: dict[str, Any] = {}
 
 
 def submission_id() -> str | None:
@@ -29,6 +30,11 @@ def submission_id() -> str | None:
         return json.loads(os.environ.get(JOB_ENV, ""))["metadata"]["job_submission_id"]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def started_here() -> bool:
+    """Whether `connect_ray` started Ray in this process (no RAY_ADDRESS, no `ray job`)."""
+    return bool(_joined.get("started_here"))
 
 
 def job_logs_command() -> str | None:
@@ -62,7 +68,7 @@ def connect_ray(log_to_driver: bool = True) -> Any:
     except (ConnectionError, ValueError) as err:  # ValueError: an address ray.init refuses
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot join the Ray cluster at {address or 'auto'}: {reason}") from None
-    _joined["dashboard"] = context.dashboard_url or ""
+    _joined.update(dashboard=context.dashboard_url or "", started_here=not address and not in_job)
     return ray
 
 

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "device", "host", "stream")
 DEVICE_SHARE = 0.25  # of the free GPU memory: the rest is for activations
 HOST_SHARE = 0.5  # of the available RAM: every worker of a node holds its own copy
+# A spawned decoder costs ~2 s before its first image (it imports torch): worth it only for a
+# split that one process needs longer than that for (~4,700 MNIST samples/s per core, measured;
+# BENCHMARKS section 3). Below this many samples per process, fewer processes.
+DECODE_SAMPLES_PER_PROCESS = 20_000
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -124,6 +128,12 @@ def decode_split(urls: list[str], *, with_labels: bool = False, num_processes: i
     pixels = torch.from_numpy(np.concatenate([p for p, _ in parts]))
     labels = torch.from_numpy(np.concatenate([lab for _, lab in parts])) if with_labels else None
     return pixels, labels
+
+
+def decode_process_count(num_samples: int, most: int) -> int:
+    """How many processes decode a split of `num_samples`: at most `most`, and one for every
+    `DECODE_SAMPLES_PER_PROCESS` (a small split decodes faster than a pool starts)."""
+    return max(1, min(most, num_samples // DECODE_SAMPLES_PER_PROCESS))
 
 
 def _decoded(jobs: list[tuple[str, bool]], num_processes: int
@@ -262,7 +272,8 @@ def training_batches(urls: list[str], *, cache: str, split_shape: tuple[int, ...
         return EpochLoader(urls, batch_size=batch_size, rank=rank, world_size=world_size,
                            num_batches=num_batches, seed=seed, loader_workers=loader_workers,
                            pin_memory=device.type == "cuda", with_labels=with_labels)
-    pixels, labels = decode_split(urls, with_labels=with_labels, num_processes=decode_processes)
+    processes = decode_process_count(split_shape[0], decode_processes)
+    pixels, labels = decode_split(urls, with_labels=with_labels, num_processes=processes)
     return CachedBatches(pixels, labels, batch_size=batch_size, rank=rank,
                          world_size=world_size, num_batches=num_batches, seed=seed,
                          device=device, on_device=choice.mode == "device")

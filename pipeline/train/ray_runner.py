@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.core.config import Config
-from pipeline.core.connect import connect_ray, job_logs_command
+from pipeline.core.connect import connect_ray, job_logs_command, started_here
 from pipeline.core.errors import UserError
 from pipeline.data.cache import training_batches
 from pipeline.metrics.probe import QualityProbe
@@ -54,6 +54,11 @@ WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_
 # The driver propagates it to the controller; an operator's own value wins.
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONTROLLER_POLL_S = "0.25"
+# Ray Train watches every worker group for nodes being drained (spot preemption, autoscaler
+# scale-down) with an actor of its own (~2.5 s of CPU to start, measured). A Ray started by the
+# stage itself is one node that nothing drains: there the watcher is off, unless the operator
+# set it.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 # --- worker side ----------------------------------------------------------------------------------
@@ -184,13 +189,22 @@ def resolve_cluster(cfg: Config) -> Config:
     return cfg
 
 
+def set_controller_env(ray_started_here: bool) -> None:
+    """The Ray Train settings the driver hands its controller (Ray propagates these variables):
+    the fast poll, and no preemption watcher on a Ray of the stage's own. An operator's own
+    values win."""
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
+    if ray_started_here:
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+
+
 def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
          logged_through: dict[str, int]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     train = cfg.train
-    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
+    set_controller_env(ray_started_here=started_here())
     resources = {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
