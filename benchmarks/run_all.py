@@ -1,6 +1,7 @@
 """Every benchmark in turn; prints each figure and ratio and writes benchmarks/results.json.
 
-    python -m benchmarks.run_all [--quick] [--only train_step loader sharding ddp controller_poll]
+    python -m benchmarks.run_all [--quick] [--only train_step loader sharding ddp controller_poll
+                                       decode_split]
 
 --quick runs the same code paths with tiny settings (a smoke run, minutes); the figures in
 BENCHMARKS.md come from the full run on a quiet machine. The GPU benchmark is separate:
@@ -13,11 +14,11 @@ import argparse
 import json
 import time
 
-from benchmarks import controller_poll, ddp, loader, sharding, train_step
+from benchmarks import controller_poll, ddp, decode_split, loader, sharding, train_step
 from benchmarks.common import RESULTS_PATH, machine, save_results
 
 BENCHMARKS = {"train_step": train_step, "loader": loader, "sharding": sharding, "ddp": ddp,
-              "controller_poll": controller_poll}
+              "controller_poll": controller_poll, "decode_split": decode_split}
 
 
 def main() -> None:

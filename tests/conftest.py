@@ -8,9 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 VENV_BIN = Path(sys.executable).parent
+RAY_WORKER_NICENESS = "RAY_worker_niceness"  # Ray's own spelling (a raylet setting)
 
 
 # The integration tier: whatever needs Ray, an MLflow server, DVC or a trained classifier.
@@ -76,12 +78,22 @@ def run_in_background(request: pytest.FixtureRequest) -> None:
               if isinstance(item, pytest.Function) and item.get_closest_marker("background")]
     if not chosen:
         return
-    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-test")
+    queued = []
     for item in chosen:
         names = inspect.signature(item.function).parameters
         kwargs = {name: request.getfixturevalue(name) for name in names}
-        _background_bodies[item.nodeid] = runner.submit(item.function, **kwargs)
-    runner.shutdown(wait=False)
+        outcome = _background_bodies[item.nodeid] = Future()
+        queued.append((outcome, item.function, kwargs))
+
+    def run_all() -> None:
+        for outcome, body, kwargs in queued:
+            try:
+                outcome.set_result(body(**kwargs))
+            except BaseException as err:  # skips and errors too: the test item re-raises it
+                outcome.set_exception(err)
+
+    # A daemon: a session stopped early (-x, Ctrl-C) does not wait for the bodies at exit.
+    threading.Thread(target=run_all, name="background-tests", daemon=True).start()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -112,8 +124,15 @@ def ray_cluster():
     """A real local Ray cluster shared by every test (4 logical CPUs on 2 cores)."""
     import ray
 
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True)
+    # Ray adds 15 to its workers' niceness, which left them barely above the niced
+    # `background` tests (19): at 0 the foreground's training gets the CPU first. The raylet
+    # reads it once, at its start.
+    os.environ[RAY_WORKER_NICENESS] = "0"
+    try:
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True)
+    finally:
+        del os.environ[RAY_WORKER_NICENESS]
     yield ray
     ray.shutdown()
 
