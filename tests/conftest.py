@@ -127,12 +127,16 @@ def ray_cluster():
     # Ray adds 15 to its workers' niceness, which left them barely above the niced
     # `background` tests (19): at 0 the foreground's training gets the CPU first. The raylet
     # reads it once, at its start.
+    operators = os.environ.get(RAY_WORKER_NICENESS)
     os.environ[RAY_WORKER_NICENESS] = "0"
     try:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True)
     finally:
-        del os.environ[RAY_WORKER_NICENESS]
+        if operators is None:
+            del os.environ[RAY_WORKER_NICENESS]
+        else:
+            os.environ[RAY_WORKER_NICENESS] = operators
     yield ray
     ray.shutdown()
 
@@ -316,7 +320,7 @@ class Background:
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         self.log, self.started = log, time.monotonic()
         with open(log, "w") as out:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(["nice", "-n", "19", *args], cwd=cwd, env=env,
+            self.process = subprocess.Popen([*BACKGROUND_NICE, *args], cwd=cwd, env=env,
                                             stdout=out, stderr=subprocess.STDOUT)
 
     def result(self, what: str, timeout_s: float) -> None:
