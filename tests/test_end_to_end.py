@@ -6,7 +6,7 @@ start` lands in the workspace's MLflow store and compares with `python -m pipeli
 --dvc-exp`, `dvc metrics show` / `dvc plots show` read what the stages wrote, and the MLflow UI
 shows a run in a real browser.
 
-Each test is a `background` test (tests/conftest.py): its body runs, niced, in a thread from the
+Each test is a `background` test (tests/conftest.py): its body runs in a thread from the
 session's first test, and the test reports its outcome at the end of the session."""
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ TINY_PARAMS = {
 
 
 def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
-    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide (at nice 19:
-    these tests run in the background); return its output, fail with it on error."""
+    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide; return its
+    output, fail with it on error. Not niced: the train stage starts Ray (tests/conftest.py's
+    background tests say why); Ray's workers run at its default nice 15."""
     env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
-           # Niced beside the suite, a worker group can take longer than Ray's 60 s to start.
+           # At nice 15 beside the suite, a worker group can take longer than Ray's 60 s to start.
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     env.pop("RAY_ADDRESS", None)  # train starts its own local Ray, as on a laptop
-    result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
