@@ -80,7 +80,7 @@ def _fit(args: argparse.Namespace, poll_s: str, root: Path) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     plain_config = {"report": False, "reports": args.reports, "work_s": args.work_s}
     ours = f"ray_{CONTROLLER_POLL_S}s"
     try:

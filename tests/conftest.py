@@ -131,7 +131,8 @@ def ray_cluster():
     # tests' CPU-bound stages: at 0 the foreground's training gets the CPU first. A raylet
     # setting, not the environment: the background's Rays keep Ray's default.
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True,
+    # "local": a Ray of its own, never a cluster some other run recorded in /tmp/ray.
+    ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True,
              _system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()

@@ -17,13 +17,14 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VENV_BIN, fresh_git_repo, git, stage_env
+from conftest import REPO_ROOT, VENV_BIN, fresh_git_repo, git, stage_env
 from readme_helpers import (
     assert_in_troubleshooting,
     clean_home,
@@ -239,6 +240,39 @@ def test_dashboard_listens_on_the_cluster_host_only(readme_cluster):
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 listening.add(address)
     assert listening == {"0100007F"}  # 127.0.0.1, little-endian hex
+
+
+_BESIDE_A_RECORDED_CLUSTER = textwrap.dedent("""
+    import json
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline.core import connect
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        recorded = ray._private.utils.read_ray_address()
+        ray = connect.connect_ray(log_to_driver=False)
+        print(json.dumps({"cluster": cluster.address, "recorded": recorded,
+                          "joined": ray.get_runtime_context().gcs_address,
+                          "started_here": connect.started_here()}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_driver_without_ray_address_starts_its_own_ray_beside_a_recorded_cluster():
+    """A cluster started on this machine earlier (`ray start`, or Ray's test Cluster) is recorded
+    in /tmp/ray/ray_current_cluster, and `ray.init()` alone joins it. A stage run with no
+    RAY_ADDRESS starts a Ray of its own instead: a background `dvc repro` of this suite once
+    trained on another test's cluster, and died with it."""
+    result = subprocess.run(["python", "-c", _BESIDE_A_RECORDED_CLUSTER], cwd=REPO_ROOT,
+                            env=without(stage_env(REPO_ROOT), *AUTH_VARS), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["recorded"] == seen["cluster"]  # what a bare ray.init() would have joined
+    assert seen["joined"] != seen["cluster"] and seen["started_here"] is True
 
 
 # --- failures, as users meet them ---------------------------------------------------------------

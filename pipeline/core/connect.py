@@ -1,5 +1,6 @@
 """Joining Ray as the driver (of training, or of prepare's shard tasks): the cluster of
-`RAY_ADDRESS`, the one of `ray job submit`, or a Ray started here.
+`RAY_ADDRESS`, the one of `ray job submit`, or a Ray started here (never a cluster that
+happens to run on this machine unnamed).
 
 Before `ray.init` joins the cluster of `RAY_ADDRESS`, one gRPC call to its head (the call
 `ray.init` starts with) tells a wrong address or a missing or wrong token apart at once:
@@ -60,15 +61,21 @@ def connect_ray(log_to_driver: bool = True) -> Any:
     in_job = JOB_ENV in os.environ
     if address and not in_job:
         check_head(address)
+    if address:
+        target = None  # ray.init reads RAY_ADDRESS itself
+    elif in_job:
+        target = "auto"  # the cluster `ray job submit` runs this entrypoint on
+    else:
+        # A new Ray here (with its dashboard: Ray Train's placement-group cleaner polls the
+        # state API it serves). None would join whatever `ray start` cluster last ran on this
+        # machine (/tmp/ray/ray_current_cluster): a cluster this shell never named.
+        target = "local"
     try:
-        # ray.init() reads RAY_ADDRESS itself; without it, it starts a local cluster (with its
-        # dashboard: Ray Train's placement-group cleaner polls the state API it serves).
-        context = ray.init(address="auto" if in_job and not address else None,
-                           log_to_driver=log_to_driver)
+        context = ray.init(address=target, log_to_driver=log_to_driver)
     except (ConnectionError, ValueError) as err:  # ValueError: an address ray.init refuses
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot join the Ray cluster at {address or 'auto'}: {reason}") from None
-    _joined.update(dashboard=context.dashboard_url or "", started_here=not address and not in_job)
+    _joined.update(dashboard=context.dashboard_url or "", started_here=target == "local")
     return ray
 
 
