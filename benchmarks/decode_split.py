@@ -25,19 +25,20 @@ from benchmarks.common import (
     summarise,
     timed,
 )
+from pipeline.core.records import DatasetStats
 from pipeline.data.cache import decode_process_count, decode_split
 from pipeline.data.reader import shard_urls
 
 
 def _one_size(images: int, repeats: int, root: Path) -> dict[str, Any]:
     """Wall seconds of decoding `images` generated 32x32x1 samples with 1 and 2 processes."""
-    make_shards(root, f"synthetic:{images}", image_size=32, channels=1)
+    stats = make_shards(root, f"synthetic:{images}", image_size=32, channels=1)
     urls = shard_urls("train", str(root / "data" / "shards"))
     seconds = interleaved({
         "one_process": lambda: timed(lambda: decode_split(urls, num_processes=1)),
         "two_processes": lambda: timed(lambda: decode_split(urls, num_processes=2)),
     }, repeats)
-    samples = decode_split(urls)[0].shape[0]
+    samples = DatasetStats.from_dict(stats).split_samples("train")
     result = {
         "train_samples": samples, "shards": len(urls),
         **{f"{name}_s": summarise(values) for name, values in seconds.items()},
