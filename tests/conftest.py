@@ -37,12 +37,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # The tests' MLflow servers run no server-side jobs (GenAI scorers; nothing here uses them): a
 # server then starts without the job runner's own interpreter, about 8 s of CPU per start.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# The session's Ray is one node that nothing drains: no preemption watcher (an actor of ~2.5 s
+# of CPU per fit), as on a Ray a stage starts itself (pipeline/train/ray_runner.py). The
+# README's cluster (tests/test_cluster.py) keeps Ray's default, as a real cluster would.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 VENV_BIN = Path(sys.executable).parent
 
 
-# The integration tier: whatever needs Ray, an MLflow server, DVC or a trained classifier.
-SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "featurized_repo", "readme_cluster"}
+# The integration tier: whatever needs Ray, an MLflow server, DVC, the prepared mnist5k (a
+# prepare of 5,000 images: ~6 s of CPU) or a trained classifier.
+SLOW_FIXTURES = {"ray_cluster", "mlflow_server", "mnist_shards", "featurized_repo",
+                 "readme_cluster"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,11 +71,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Subprocess chains of minutes (a whole `dvc repro` and its experiments) that keep one core
 # busy in turns run in one thread from the session's first test, on the CPU time the foreground
 # tests leave idle. The test item, reported last, waits for its body's outcome: its assertions,
-# skips and errors are the body's own. Their stages without Ray run at nice 19
-# (`BACKGROUND_NICE`); a process that starts Ray does not: `ray.init` gives its raylet a fixed
-# 30 s to register, which a niced start on a loaded machine overran in CI (measured: beside 6
-# busy loops, 20 s at nice 0, 61 s at nice 5, the 30 s exceeded at nice 10). Ray nices its
-# own workers (+15), so their training still yields to the foreground's.
+# skips and errors are the body's own. Their processes run at nice 19 (`BACKGROUND_NICE`) and
+# join the session's Ray cluster, never start one: `ray.init` gives a new raylet a fixed 30 s
+# to register, which a niced start on a loaded machine overran in CI (measured: beside 6 busy
+# loops, 20 s at nice 0, 61 s at nice 5, the 30 s exceeded at nice 10).
 BACKGROUND_NICE = ["nice", "-n", "19"]
 _background_bodies: dict[str, Future] = {}
 
@@ -109,10 +114,15 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
-def wait_for_http(url: str, timeout_s: float = 120.0) -> None:
-    """Poll `url` until it answers 200 or `timeout_s` passes."""
+def wait_for_http(url: str, timeout_s: float = 120.0, server: subprocess.Popen | None = None,
+                  log: Path | None = None) -> None:
+    """Poll `url` until it answers 200 or `timeout_s` passes; fail at once, with `log`'s tail,
+    when the `server` meant to answer has exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"the server for {url} exited ({server.returncode}):\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -128,8 +138,8 @@ def ray_cluster():
     import ray
 
     # Ray adds 15 to its workers' niceness by default, which left them below the background
-    # tests' CPU-bound stages: at 0 the foreground's training gets the CPU first. A raylet
-    # setting, not the environment: the background's Rays keep Ray's default.
+    # tests' CPU-bound stages: at 0 the foreground's training gets the CPU first (the
+    # background's train stages join this cluster: their few ranks run at 0 too).
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     # "local": a Ray of its own, never a cluster some other run recorded in /tmp/ray.
     ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=True,
@@ -163,8 +173,8 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
         )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health")
-    except TimeoutError:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server=process, log=root / "server.log")
+    except (TimeoutError, RuntimeError):
         process.kill()
         raise
     return process

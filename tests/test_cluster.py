@@ -37,6 +37,8 @@ from devtools.gloo import free_port
 
 RAY = str(VENV_BIN / "ray")
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+# What tests/conftest.py sets for the session's one-node Ray: a cluster keeps Ray's default.
+SESSION_ONLY_VARS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",)
 # Real MNIST, tiny models, one short epoch on 2 workers, a small evaluation.
 CLUSTER_PARAMS = {
     "model": {"nz": 16, "ngf": 8, "ndf": 8},
@@ -103,7 +105,7 @@ def readme_cluster(mnist_shards, mlflow_server, tmp_path_factory):
     CLUSTER_PORT / CLUSTER_DASHBOARD_PORT the Makefile reads); its `cluster-down` block at
     the end, which must leave no process of the cluster behind."""
     repo = _cluster_repo(tmp_path_factory.mktemp("cluster") / "repo", mnist_shards)
-    env = {**without(stage_env(repo), *AUTH_VARS), "OMP_NUM_THREADS": "1",
+    env = {**without(stage_env(repo), *AUTH_VARS, *SESSION_ONLY_VARS), "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": mlflow_server, "CLUSTER_PORT": str(free_port()),
            "CLUSTER_DASHBOARD_PORT": str(free_port())}
     state_file = repo / ".ray_cluster" / "cluster.json"

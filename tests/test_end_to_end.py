@@ -7,7 +7,10 @@ start` lands in the workspace's MLflow store and compares with `python -m pipeli
 shows a run in a real browser.
 
 Each test is a `background` test (tests/conftest.py): its body runs in a thread from the
-session's first test, and the test reports its outcome at the end of the session."""
+session's first test, and the test reports its outcome at the end of the session. Its train
+stages join the session's Ray cluster (`RAY_ADDRESS`, as after `source .ray_cluster/cluster.env`):
+a stage that starts a Ray of its own is tested in tests/test_cluster.py, and five more local
+Rays here would cost the suite ~50 s of CPU."""
 
 from __future__ import annotations
 
@@ -32,25 +35,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.background]
 SWEEP_COLUMNS = r"Experiment|^train\.(epochs|lr_g|lr_d)$|^fid_classifier$|^classes_hit$"
 
 # mnist5k at 32 px (the real data), but small models, one short epoch and a small evaluation.
+# Prepare decodes in one local process although RAY_ADDRESS is set (the two-node recipe of
+# tests/test_cluster.py shards with Ray tasks); one worker of one CPU leaves the session's
+# cluster room for the other tests' workers.
 TINY_PARAMS = {
-    "data": {"num_processes": 1},
+    "data": {"num_processes": 1, "backend": "local"},
     "model": {"nz": 16, "ngf": 8, "ndf": 8},
-    "train": {"num_workers": 1, "batch_size": 256, "epochs": 1, "loader_workers": 0,
-              "checkpoint_every_steps": 1000, "max_failures": 0},
+    "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 256, "epochs": 1,
+              "loader_workers": 0, "checkpoint_every_steps": 1000, "max_failures": 0},
     "classifier": {"epochs": 1, "batch_size": 256, "min_val_accuracy": 0.0},
     "eval": {"num_samples": 100, "batch_size": 100, "kid_subset_size": 50},
 }
 
 
 def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
-    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide; return its
-    output, fail with it on error. Not niced: the train stage starts Ray (tests/conftest.py's
-    background tests say why); Ray's workers run at its default nice 15."""
+    """Run `dvc ARGS` in `repo` as a user would, in a terminal `columns` wide, its stages
+    joining the session's Ray cluster (the test asks for `ray_cluster`); return its output,
+    fail with it on error."""
+    import ray
+
     env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
-           # At nice 15 beside the suite, a worker group can take longer than Ray's 60 s to start.
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           # Beside the suite, a worker group can take longer than Ray's 60 s to start.
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-    env.pop("RAY_ADDRESS", None)  # train starts its own local Ray, as on a laptop
-    result = subprocess.run(["dvc", *args], cwd=repo, env=env,
+    result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
@@ -166,7 +174,7 @@ def _compare_the_sweep(repo: Path, names: list[str]) -> None:
         assert image.width == 2 * 3 * 138 + 8
 
 
-def test_dvc_repro_experiments_metrics_and_plots(tmp_path_factory):
+def test_dvc_repro_experiments_metrics_and_plots(ray_cluster, tmp_path_factory):
     repo, first = pipeline_repo(tmp_path_factory)
     assert _ran(first) == {"prepare", "classifier", "train", "evaluate", "register"}
     missing = [path for path in _declared_outputs(repo) if not (repo / path).exists()]
@@ -220,7 +228,8 @@ def test_dvc_repro_experiments_metrics_and_plots(tmp_path_factory):
     assert "Classifier FID while training" in html  # reports/train_quality.csv
 
 
-def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(tmp_path_factory):
+def test_the_mlflow_ui_shows_a_runs_sample_grid_loss_and_fid_charts(ray_cluster,
+                                                                     tmp_path_factory):
     """The real UI in a real browser (Debian's headless Chromium): the run's page shows its
     sample grid, its loss charts and its FID chart; its overview, the description. (Not
     niced: a starved browser would time out.)"""
@@ -261,14 +270,16 @@ def _labelled_folder(root: Path, classes: int = 3, per_class: int = 40) -> Path:
     return root
 
 
-def test_a_users_labelled_folder_runs_end_to_end_with_a_weak_classifier_named(tmp_path_factory):
+def test_a_users_labelled_folder_runs_end_to_end_with_a_weak_classifier_named(
+    ray_cluster, tmp_path_factory
+):
     """The default classifier params on someone's own labelled folder: the classifier misses
     the 0.98 bar (random pixels), and instead of stopping the DAG, every stage runs and the
     FID is named weak in the evaluation, the run's description and the registered version."""
     photos = _labelled_folder(tmp_path_factory.mktemp("photos") / "photos")
     small = {key: value for key, value in TINY_PARAMS.items() if key != "classifier"}
     repo = fresh_git_repo(tmp_path_factory.mktemp("byo") / "repo", {
-        **small, "data": {"num_processes": 1, "source": str(photos), "image_size": 32,
+        **small, "data": {**TINY_PARAMS["data"], "source": str(photos), "image_size": 32,
                           "channels": 3, "samples_per_shard": 50},
         "train": {**TINY_PARAMS["train"], "batch_size": 16},  # 108 train images
         "eval": {"num_samples": 12, "batch_size": 12, "kid_subset_size": 6},

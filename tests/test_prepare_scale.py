@@ -153,6 +153,7 @@ def peak_rss(root: Path, images: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 11,000 images prepared (~14 s of CPU): the integration tier
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """A generated source of tiny images: 10x the images, about the same peak RSS (the old
     prepare held every prepared image, ~14 KB each)."""

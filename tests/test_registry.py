@@ -349,7 +349,8 @@ def test_mlflow_models_serve_answers_with_the_images_pipeline_sample_draws(mlflo
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=180)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=180, server=server,
+                      log=tmp_path / "serve.log")
         z = latent_noise(4, SPEC.nz, seed=3)
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = _post_json(url, {"inputs": z.tolist()})

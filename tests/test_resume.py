@@ -69,10 +69,11 @@ def start_and_pause(repo: Path, args: list[str], env: dict[str, str],
                     storage: Path) -> subprocess.Popen:
     """Start the stage (its own process group, as a shell job) and return once rank 0 paused
     at step 25, after the checkpoint at step 20 was registered (the `hang` fault)."""
+    markers_before = set(storage.glob("*/fault_injected"))
     process = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + WAIT_S
-    while not list(storage.glob("*/fault_injected")):
+    while not set(storage.glob("*/fault_injected")) - markers_before:
         if process.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):  # gone already: it failed early
                 os.killpg(process.pid, signal.SIGKILL)
@@ -202,65 +203,82 @@ def dvc_train(repo: Path, env: dict[str, str], *command: str) -> subprocess.Comp
     return result
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
-def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identically(
-    ray_cluster, mlflow_server, mnist_shards, tmp_path, stop
-):
-    """Ctrl-C during `dvc repro`, then `dvc repro`; the driver killed during `dvc exp run`
-    (with an experiment of other params in between), then `dvc exp run`: the rerun continues
-    the interrupted Ray run and MLflow run, and ends as a straight run would."""
-    storage, experiment = tmp_path / "ray", f"resume-{stop}"
-    repo = dvc_workspace(mnist_shards, tmp_path, [
-        *STAGE_PARAMS, f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment={experiment}",
-        f"train.storage_path={storage}"])
-    committed_lr_g = load_config(repo / "params.yaml", []).train.lr_g
-    command = ["repro"] if stop == "SIGINT" else ["exp", "run"]
-    process = start_and_pause(repo, ["dvc", *command, "-s", "train"],
-                              ray_env(repo, ray_cluster, "step=25,mode=hang"), storage)
-    # Ctrl-C: the terminal signals the whole foreground job; SIGKILL: the session is lost
-    # at once (an OOM kill, a closed laptop), dvc and the driver with it.
-    os.killpg(process.pid, getattr(signal, stop))
-    _, err = process.communicate(timeout=120)
-    (interrupted,) = runs_of(mlflow_server, experiment)
-    if stop == "SIGINT":
-        assert process.returncode != 0, err[-5000:]
-        (line,) = [line for line in err.splitlines() if "error: interrupted: MLflow run " in line]
-        assert "KILLED" in line and "last at step 20" in line and "`dvc repro`" in line, line
-        assert interrupted.info.status == "KILLED"
-    else:
-        assert interrupted.info.status == "RUNNING"  # nobody could mark it
+def runs_with_lr_g(tracking_uri: str, experiment: str, lr_g: float) -> list:
+    return [run for run in runs_of(tracking_uri, experiment)
+            if float(run.data.params["train.lr_g"]) == lr_g]
 
-    if stop == "SIGKILL":
-        # An experiment of other params in between: a fresh run, the interrupted one untouched.
-        other = dvc_train(repo, ray_env(repo, ray_cluster), "exp", "run", "-S", "train.lr_g=0.001")
-        assert "fresh Ray run" in other.stderr and record_of(repo)["resumed_from_steps"] == []
-        assert record_of(repo)["mlflow_run_id"] != interrupted.info.run_id
 
-    # The interrupted run's params again (`dvc exp run` left the other experiment's in place).
-    again = [] if stop == "SIGINT" else ["-S", f"train.lr_g={committed_lr_g}"]
-    rerun = dvc_train(repo, ray_env(repo, ray_cluster), *command, *again)
+def assert_continued(repo: Path, rerun: subprocess.CompletedProcess, interrupted, mlflow_server,
+                     experiment: str) -> dict:
+    """The rerun continued the interrupted Ray run from its checkpoint at step 20 and its
+    MLflow run, which is now the only one of its params, finished, its history logged once,
+    and ended with the bits of a straight run. Returns the rerun's record."""
     record = record_of(repo)
     assert f"resuming Ray run {record['ray_run_name']} from its checkpoint at step 20" in (
         rerun.stderr)
     assert record["resumed_from_steps"] == [20] and record["steps"] == STEPS
     assert record["mlflow_run_id"] == interrupted.info.run_id  # the same MLflow run
-    runs = [run for run in runs_of(mlflow_server, experiment)
-            if run.data.params.get("train.lr_g") != "0.001"]
-    assert [run.info.run_id for run in runs] == [interrupted.info.run_id]
-    assert runs[0].info.status == "FINISHED"
+    cfg = load_config(repo / "params.yaml", [f"train.shards={repo / 'data' / 'shards'}"])
+    (run,) = runs_with_lr_g(mlflow_server, experiment, cfg.train.lr_g)
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     # The history continues: every logged step once, none twice.
     assert metric_steps(mlflow_server, record["mlflow_run_id"]) == LOGGED_STEPS
-    cfg = load_config(repo / "params.yaml", [f"train.shards={repo / 'data' / 'shards'}"])
     assert_as_straight_run(cfg, record, repo)
+    return record
 
-    if stop == "SIGKILL":
-        return
-    # A finished run is never resumed: the stage forced to run again trains a fresh run.
-    forced = dvc_train(repo, ray_env(repo, ray_cluster), "repro", "-f")
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identically(
+    ray_cluster, mlflow_server, mnist_shards, tmp_path
+):
+    """Ctrl-C during `dvc repro`, then `dvc repro`; the driver killed during `dvc exp run`, an
+    experiment of other params in between, then the killed one's `dvc exp run` again: each
+    rerun continues its interrupted Ray run and MLflow run, and ends as a straight run would.
+    A finished run is never resumed: forced to run again, the stage trains a fresh one."""
+    storage, experiment = tmp_path / "ray", "resume"
+    repo = dvc_workspace(mnist_shards, tmp_path, [
+        *STAGE_PARAMS, f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment={experiment}",
+        f"train.storage_path={storage}"])
+    committed_lr_g = load_config(repo / "params.yaml", []).train.lr_g
+    paused = ray_env(repo, ray_cluster, "step=25,mode=hang")
+
+    # Ctrl-C: the terminal signals the whole foreground job.
+    process = start_and_pause(repo, ["dvc", "repro", "-s", "train"], paused, storage)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0, err[-5000:]
+    (line,) = [line for line in err.splitlines() if "error: interrupted: MLflow run " in line]
+    assert "KILLED" in line and "last at step 20" in line and "`dvc repro`" in line, line
+    (interrupted,) = runs_of(mlflow_server, experiment)
+    assert interrupted.info.status == "KILLED"
+    rerun = dvc_train(repo, ray_env(repo, ray_cluster), "repro")
+    first = assert_continued(repo, rerun, interrupted, mlflow_server, experiment)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "trained")
+
+    # SIGKILL: the session is lost at once (an OOM kill, a closed laptop), dvc and the driver
+    # with it, during an experiment of other params.
+    other = ["-S", "train.lr_g=0.001"]
+    process = start_and_pause(repo, ["dvc", "exp", "run", "-s", "train", *other], paused,
+                              storage)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=120)
+    (killed,) = runs_with_lr_g(mlflow_server, experiment, 0.001)
+    assert killed.info.status == "RUNNING"  # nobody could mark it
+
+    # The committed params again, forced: their run finished, so a fresh run trains, and the
+    # killed one stays as it was.
+    forced = dvc_train(repo, ray_env(repo, ray_cluster), "exp", "run", "-f",
+                       "-S", f"train.lr_g={committed_lr_g}")
     assert "fresh Ray run" in forced.stderr and "finished" in forced.stderr
-    assert record_of(repo)["ray_run_name"] == record["ray_run_name"] + "-2"
+    assert record_of(repo)["ray_run_name"] == first["ray_run_name"] + "-2"
+    assert record_of(repo)["resumed_from_steps"] == []
+    (still_killed,) = runs_with_lr_g(mlflow_server, experiment, 0.001)
+    assert still_killed.info.status == "RUNNING"
+
+    rerun = dvc_train(repo, ray_env(repo, ray_cluster), "exp", "run", *other)
+    assert_continued(repo, rerun, killed, mlflow_server, experiment)
 
 
 # --- real Ray, real server: the tracking server goes away ----------------------------------------

@@ -217,12 +217,19 @@ class EpochLoader:
 
 def _checked(batches: Iterator[Batch | _Failure], expected: int) -> Iterator[Batch]:
     """Re-raise a loader worker's UserError as one line; refuse a short epoch."""
-    produced = 0
+    produced, failure = 0, None
     for item in batches:
         if isinstance(item, _Failure):
-            raise UserError(item.message)
+            failure = item.message
+            break
         produced += 1
         yield item
+    if failure is not None:
+        # Its last reference: a one-epoch loader's processes end now. Kept alive by the
+        # traceback, they would end at a later garbage collection, which waits 5 s for them
+        # (measured; torch's worker join times out).
+        del batches
+        raise UserError(failure)
     if produced != expected:  # a broken promise would hang DDP: say so
         raise RuntimeError(f"loader gave {produced} batches, expected {expected}")
 
