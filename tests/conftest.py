@@ -57,24 +57,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses a slow fixture `slow`, so `-m "not slow"` is the fast tier.
-    Run the tests of the README's cluster first, then the `early` tests, the tests that need
-    the trained classifier after the others (it trains in the background from the first
-    test), and report the `background` tests last.
+    Run the `early` tests first, the tests that need the trained classifier after the others
+    (it trains in the background from the first test), and report the `background` tests
+    last.
 
-    The README's cluster first: `ray start` gives a node's raylet a fixed 30 s to register
-    (not configurable), which a worker node overran when `cluster-up` ran 7 minutes in, beside
-    the background's Ray training at its busiest (2026-12-07); at the session's start the
-    background is still preparing data at nice 19. `early` marks tests that mostly wait (on a
-    server that stops and starts, on a paused or interrupted run; 50-80 % of one core busy
-    over their wall time, measured): run while the background's work fills the core they leave
-    idle. Run last, as before, they left the machine half idle for the suite's last five
-    minutes (a timeline of 2026-12-07)."""
+    `early` marks tests that mostly wait (on a server that stops and starts, on a paused or
+    interrupted run; 50-80 % of one core busy over their wall time, measured): run while the
+    background's work fills the core they leave idle. Run last, as before, they left the
+    machine half idle for the suite's last five minutes (a timeline of 2026-12-07)."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: (item.get_closest_marker("background") is not None,
                                  "featurized_repo" in getattr(item, "fixturenames", ()),
-                                 "readme_cluster" not in getattr(item, "fixturenames", ()),
                                  item.get_closest_marker("early") is None))
 
 
