@@ -57,20 +57,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses a slow fixture `slow`, so `-m "not slow"` is the fast tier.
-    Run the `early` tests first, the tests that need the trained classifier after the others
-    (it trains in the background from the first test), and report the `background` tests
-    last.
-
-    `early` marks tests that mostly wait (on a server that stops and starts, on a paused or
-    interrupted run; 50-80 % of one core busy over their wall time, measured): run while the
-    background's work fills the core they leave idle. Run last, as before, they left the
-    machine half idle for the suite's last five minutes (a timeline of 2026-12-07)."""
+    Run the tests that need the trained classifier after the others (it trains in the
+    background from the first test) and report the `background` tests last."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: (item.get_closest_marker("background") is not None,
-                                 "featurized_repo" in getattr(item, "fixturenames", ()),
-                                 item.get_closest_marker("early") is None))
+                                 "featurized_repo" in getattr(item, "fixturenames", ())))
 
 
 # --- tests whose bodies run in the background ---------------------------------------------------

@@ -228,7 +228,6 @@ def assert_continued(repo: Path, rerun: subprocess.CompletedProcess, interrupted
 
 
 @pytest.mark.slow
-@pytest.mark.early
 @pytest.mark.timeout(1800)
 def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identically(
     ray_cluster, mlflow_server, mnist_shards, tmp_path
@@ -286,7 +285,6 @@ def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identic
 
 
 @pytest.mark.slow
-@pytest.mark.early
 @pytest.mark.timeout(1200)
 def test_a_stopped_tracking_server_costs_no_training_and_sync_run_completes_the_run(
     ray_cluster, mnist_shards, tmp_path
@@ -346,7 +344,6 @@ def lines_of(stream) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.early
 @pytest.mark.timeout(1200)
 def test_a_tracking_server_restarted_within_the_run_loses_nothing(ray_cluster, mnist_shards,
                                                                    tmp_path):

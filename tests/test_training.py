@@ -380,7 +380,6 @@ def test_two_workers_survive_a_crash_resume_and_log_to_mlflow_from_rank_0(
 
 
 @pytest.mark.slow
-@pytest.mark.early
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     ray_cluster, mnist_shards, tmp_path
 ):
