@@ -300,6 +300,12 @@ def stage_env(repo: Path) -> dict[str, str]:
     }
 
 
+def session_ray_env(repo: Path, ray) -> dict[str, str]:
+    """`stage_env(repo)` whose stages join the session's Ray cluster (`ray`: the `ray_cluster`
+    fixture), as after `source .ray_cluster/cluster.env` on a cluster."""
+    return {**stage_env(repo), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory):
     """A repo copy where `python stages/prepare.py` ran once on mnist5k with the repo's

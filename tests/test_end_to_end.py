@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BACKGROUND_NICE, fresh_git_repo, git, stage_env
+from conftest import BACKGROUND_NICE, fresh_git_repo, git, session_ray_env, stage_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -54,8 +54,7 @@ def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
     fail with it on error."""
     import ray
 
-    env = {**stage_env(repo), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    env = {**session_ray_env(repo, ray), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
            # Beside the suite, a worker group can take longer than Ray's 60 s to start.
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,

@@ -16,7 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_repo, fresh_git_repo, git, stage_env, start_mlflow_server, stop_process
+from conftest import (
+    copy_repo,
+    fresh_git_repo,
+    git,
+    session_ray_env,
+    stage_env,
+    start_mlflow_server,
+    stop_process,
+)
 from test_training import TINY, assert_as_straight_run, tiny_config
 
 from devtools.gloo import free_port
@@ -51,7 +59,7 @@ def stage_args(tracking_uri: str, storage: Path, experiment: str, *extra: str) -
 
 def ray_env(repo: Path, ray_cluster, fault: str = "") -> dict[str, str]:
     """The stage joins the session's Ray cluster (RAY_ADDRESS), as on a cluster."""
-    env = {**stage_env(repo), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = session_ray_env(repo, ray_cluster)
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
