@@ -37,8 +37,9 @@ from devtools.gloo import free_port
 
 RAY = str(VENV_BIN / "ray")
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
-# What tests/conftest.py sets for the session's one-node Ray: a cluster keeps Ray's default.
-SESSION_ONLY_VARS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",)
+# What tests/conftest.py sets for the session's one-node Ray: a cluster keeps Ray's defaults.
+SESSION_ONLY_VARS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_enable_metrics_collection",
+                     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD")
 # Real MNIST, tiny models, one short epoch on 2 workers, a small evaluation.
 CLUSTER_PARAMS = {
     "model": {"nz": 16, "ngf": 8, "ndf": 8},

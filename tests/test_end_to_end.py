@@ -116,7 +116,7 @@ def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
         if tasks and all(status == "Success" for status in tasks.values()):
             return sorted(tasks)
         assert time.monotonic() < deadline, f"queue still busy: {tasks}"
-        time.sleep(15)  # each look is a dvc start (~0.8 s of CPU); nobody waits on the latency
+        time.sleep(30)  # each look is a dvc start (~1.5 s of CPU); nobody waits on the latency
 
 
 def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:

@@ -393,6 +393,14 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
     assert resumed["resumed_from_steps"] == [10] and resumed["steps"] == 35
     assert_as_straight_run(cfg, resumed, tmp_path / "resumed")
 
+    # The fits' actors are Ray Train's own, but no Ray Data dataset manager (the training reads
+    # its shards itself: ray_runner drops that actor), for this fit nor any on this cluster.
+    from ray.util.state import list_actors
+
+    actors = list_actors(limit=10_000, raise_on_missing_output=False)
+    classes = {actor.class_name for actor in actors}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "DatasetManager" not in classes
+
 
 def assert_as_straight_run(cfg: Config, record: dict, workspace: Path) -> None:
     """The run of `record` (one worker, its outputs in `workspace`) ended with the very bits

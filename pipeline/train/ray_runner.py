@@ -220,7 +220,24 @@ def _fit(cfg: Config, plan: TrainPlan, run_name: str, run_id: str,
         ),
     )
     _stop_on_signals(trainer)
+    _without_datasets_actor(trainer)
     return trainer.fit()
+
+
+def _without_datasets_actor(trainer: Any) -> None:
+    """No Ray Data dataset manager for a fit that has no Ray Data datasets (ours read their
+    shards themselves). Ray Train 2.60 starts that actor for every fit regardless
+    (`DatasetsCallback` among `DataParallelTrainer._create_default_callbacks`): a worker process
+    that imports Ray Data, ~3 s of CPU per fit, for nothing."""
+    create = getattr(trainer, "_create_default_callbacks", None)
+    if create is None or getattr(trainer, "datasets", None):
+        return  # another Ray, or datasets after all: Ray's own callbacks stay
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    def without_datasets() -> list:
+        return [callback for callback in create() if not isinstance(callback, DatasetsCallback)]
+
+    trainer._create_default_callbacks = without_datasets
 
 
 def _stop_on_signals(trainer: Any) -> None:
