@@ -22,7 +22,7 @@ import torch.distributed as dist
 from devtools.ports import free_port
 
 # What every rank imports anyway: loaded once in the forkserver, shared by every fork.
-PRELOAD = ["torch", "torch.distributed", "pipeline.train.loop", "devtools.gloo"]
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "pipeline.train.loop", "devtools.gloo"]
 
 
 def _gloo_rank(
