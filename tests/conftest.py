@@ -37,15 +37,20 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # The tests' MLflow servers run no server-side jobs (GenAI scorers; nothing here uses them): a
 # server then starts without the job runner's own interpreter, about 8 s of CPU per start.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-# The session's Ray is one node that nothing drains: no preemption watcher (an actor of ~2.5 s
-# of CPU per fit), as on a Ray a stage starts itself (pipeline/train/ray_runner.py). The
-# README's cluster (tests/test_cluster.py) keeps Ray's default, as a real cluster would.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-# Nobody reads the session Ray's own Prometheus metrics, and its log monitor need not look for
-# new log files ten times a second: on an idle session Ray the two cost ~2 % of a core, the log
-# monitor more as the suite's hundreds of worker logs pile up (measured: 2.9 % over a suite).
-os.environ.setdefault("RAY_enable_metrics_collection", "0")
-os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")  # then: every 0.5 s
+# Settings for the session's one-node Ray only: the README's cluster (tests/test_cluster.py)
+# drops them and keeps Ray's defaults, as a real cluster would.
+SESSION_RAY_ENV = {
+    # One node that nothing drains: no preemption watcher (an actor of ~2.5 s of CPU per fit),
+    # as on a Ray a stage starts itself (pipeline/train/ray_runner.py).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Nobody reads its own Prometheus metrics, and its log monitor need not look for new log
+    # files ten times a second: on an idle session Ray the two cost ~2 % of a core, the log
+    # monitor more as the suite's hundreds of worker logs pile up (measured: 2.9 % over a suite).
+    "RAY_enable_metrics_collection": "0",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # then: every 0.5 s
+}
+for _name, _value in SESSION_RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, VENV_BIN, fresh_git_repo, git, stage_env
+from conftest import REPO_ROOT, SESSION_RAY_ENV, VENV_BIN, fresh_git_repo, git, stage_env
 from readme_helpers import (
     assert_in_troubleshooting,
     clean_home,
@@ -37,9 +37,6 @@ from devtools.gloo import free_port
 
 RAY = str(VENV_BIN / "ray")
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
-# What tests/conftest.py sets for the session's one-node Ray: a cluster keeps Ray's defaults.
-SESSION_ONLY_VARS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_enable_metrics_collection",
-                     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD")
 # Real MNIST, tiny models, one short epoch on 2 workers, a small evaluation.
 CLUSTER_PARAMS = {
     "model": {"nz": 16, "ngf": 8, "ndf": 8},
@@ -106,7 +103,7 @@ def readme_cluster(mnist_shards, mlflow_server, tmp_path_factory):
     CLUSTER_PORT / CLUSTER_DASHBOARD_PORT the Makefile reads); its `cluster-down` block at
     the end, which must leave no process of the cluster behind."""
     repo = _cluster_repo(tmp_path_factory.mktemp("cluster") / "repo", mnist_shards)
-    env = {**without(stage_env(repo), *AUTH_VARS, *SESSION_ONLY_VARS), "OMP_NUM_THREADS": "1",
+    env = {**without(stage_env(repo), *AUTH_VARS, *SESSION_RAY_ENV), "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": mlflow_server, "CLUSTER_PORT": str(free_port()),
            "CLUSTER_DASHBOARD_PORT": str(free_port())}
     state_file = repo / ".ray_cluster" / "cluster.json"
