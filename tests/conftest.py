@@ -78,40 +78,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # --- tests whose bodies run in the background ---------------------------------------------------
 
-# Subprocess chains of minutes (a whole `dvc repro` and its experiments) that keep one core
-# busy in turns run in one thread from the session's first test, on the CPU time the foreground
-# tests leave idle. The test item, reported last, waits for its body's outcome: its assertions,
-# skips and errors are the body's own. Their processes run at nice 19 (`BACKGROUND_NICE`) and
-# join the session's Ray cluster, never start one: `ray.init` gives a new raylet a fixed 30 s
-# to register, which a niced start on a loaded machine overran in CI (measured: beside 6 busy
-# loops, 20 s at nice 0, 61 s at nice 5, the 30 s exceeded at nice 10).
+# Subprocess chains of minutes that keep about one core busy in turns (a Ray fit, `dvc`, a
+# stage: one process after another) run from the session's first test on the CPU time the
+# foreground tests leave idle. The test item, reported last, waits for its body's outcome: its
+# assertions, skips and errors are the body's own. `@pytest.mark.background` bodies run in
+# order in one thread; `@pytest.mark.background(lane="name")` ones in a thread of that lane,
+# beside the other lanes. The end-to-end bodies' processes run at nice 19 (`BACKGROUND_NICE`);
+# every background body joins the session's Ray cluster, never starts one: `ray.init` gives a
+# new raylet a fixed 30 s to register, which a niced start on a loaded machine overran in CI
+# (measured: beside 6 busy loops, 20 s at nice 0, 61 s at nice 5, the 30 s exceeded at nice 10).
 BACKGROUND_NICE = ["nice", "-n", "19"]
 _background_bodies: dict[str, Future] = {}
 
 
-def run_in_background(request: pytest.FixtureRequest) -> None:
-    """Start the body of every selected `@pytest.mark.background` test, in order, in one
-    thread (their fixtures must be session-scoped: they are set up now)."""
-    chosen = [item for item in request.session.items
-              if isinstance(item, pytest.Function) and item.get_closest_marker("background")]
-    if not chosen:
-        return
-    queued = []
-    for item in chosen:
-        names = inspect.signature(item.function).parameters
-        kwargs = {name: request.getfixturevalue(name) for name in names}
-        outcome = _background_bodies[item.nodeid] = Future()
-        queued.append((outcome, item.function, kwargs))
+def _lane(item: pytest.Item) -> str:
+    return item.get_closest_marker("background").kwargs.get("lane", "default")
 
-    def run_all() -> None:
+
+def run_in_background(request: pytest.FixtureRequest) -> None:
+    """Start the body of every selected `@pytest.mark.background` test: one thread per lane,
+    each running its lane's bodies in order (their fixtures must be session-scoped: they are
+    set up now)."""
+    lanes: dict[str, list] = {}
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and item.get_closest_marker("background"):
+            names = inspect.signature(item.function).parameters
+            kwargs = {name: request.getfixturevalue(name) for name in names}
+            outcome = _background_bodies[item.nodeid] = Future()
+            lanes.setdefault(_lane(item), []).append((outcome, item.function, kwargs))
+
+    def run_all(queued: list) -> None:
         for outcome, body, kwargs in queued:
             try:
                 outcome.set_result(body(**kwargs))
             except BaseException as err:  # skips and errors too: the test item re-raises it
                 outcome.set_exception(err)
 
-    # A daemon: a session stopped early (-x, Ctrl-C) does not wait for the bodies at exit.
-    threading.Thread(target=run_all, name="background-tests", daemon=True).start()
+    # Daemons: a session stopped early (-x, Ctrl-C) does not wait for the bodies at exit.
+    for lane, queued in lanes.items():
+        threading.Thread(target=run_all, args=(queued,), name=f"background-{lane}",
+                         daemon=True).start()
 
 
 @pytest.hookimpl(tryfirst=True)

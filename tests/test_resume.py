@@ -40,6 +40,11 @@ STAGE_PARAMS = [*TINY, "train.num_workers=1", "train.cpus_per_worker=1",
                 "train.batch_size=128", "train.epochs=2", "train.checkpoint_every_steps=10"]
 LOGGED_STEPS = [step * 128 for step in (10, 20, 30, 35, 40, 50, 60, 70)]
 WAIT_S = 420  # bound of every wait on a training (a loaded 2-core machine)
+# Chains of a few processes that wait on each other (and on a 5 s pause) for minutes: beside
+# the foreground, from the session's start (tests/conftest.py). Not niced: their bounded waits
+# (a Ctrl-C'd run stops within 120 s) assume a fair share of the CPU. The restarted server's
+# test stays in the foreground: its server must be back before the run's end.
+RESUME_LANE = pytest.mark.background(lane="resume")
 
 
 def workspace(mnist_shards: Path, tmp_path: Path) -> Path:
@@ -235,15 +240,17 @@ def assert_continued(repo: Path, rerun: subprocess.CompletedProcess, interrupted
     return record
 
 
+@RESUME_LANE
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identically(
-    ray_cluster, mlflow_server, mnist_shards, tmp_path
+    ray_cluster, mlflow_server, mnist_shards, tmp_path_factory
 ):
     """Ctrl-C during `dvc repro`, then `dvc repro`; the driver killed during `dvc exp run`, an
     experiment of other params in between, then the killed one's `dvc exp run` again: each
     rerun continues its interrupted Ray run and MLflow run, and ends as a straight run would.
     A finished run is never resumed: forced to run again, the stage trains a fresh one."""
+    tmp_path = tmp_path_factory.mktemp("interrupted")
     storage, experiment = tmp_path / "ray", "resume"
     repo = dvc_workspace(mnist_shards, tmp_path, [
         *STAGE_PARAMS, f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment={experiment}",
@@ -292,13 +299,15 @@ def test_an_interrupted_dvc_run_of_the_train_stage_continues_its_run_bit_identic
 # --- real Ray, real server: the tracking server goes away ----------------------------------------
 
 
+@RESUME_LANE
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_stopped_tracking_server_costs_no_training_and_sync_run_completes_the_run(
-    ray_cluster, mnist_shards, tmp_path
+    ray_cluster, mnist_shards, tmp_path_factory
 ):
     from mlflow import MlflowClient
 
+    tmp_path = tmp_path_factory.mktemp("server_away")
     repo = workspace(mnist_shards, tmp_path)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
