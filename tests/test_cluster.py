@@ -247,7 +247,9 @@ _BESIDE_A_RECORDED_CLUSTER = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.core import connect
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # No dashboard: nothing here reads Ray's state API (~4 s of CPU less, measured).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         recorded = ray._private.utils.read_ray_address()
         ray = connect.connect_ray(log_to_driver=False)

@@ -116,7 +116,27 @@ def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
         if tasks and all(status == "Success" for status in tasks.values()):
             return sorted(tasks)
         assert time.monotonic() < deadline, f"queue still busy: {tasks}"
-        time.sleep(30)  # each look is a dvc start (~1.5 s of CPU); nobody waits on the latency
+        # Each `dvc queue status` is a dvc start (~1.5 s of CPU): look again once the queue's
+        # worker has exited, or in 30 s where none is seen (not started yet).
+        looked = 0
+        while _queue_worker_running(repo) and time.monotonic() < deadline:
+            looked += 1
+            time.sleep(2)
+        if not looked:
+            time.sleep(30)
+
+
+def _queue_worker_running(repo: Path) -> bool:
+    """Whether a `dvc exp queue-worker` runs in `repo` (it exits ~10 s after its queue is
+    empty): a look at /proc, not a dvc start."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and b"queue-worker" in (entry / "cmdline").read_bytes()
+                    and (entry / "cwd").resolve() == repo.resolve()):
+                return True
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return False
 
 
 def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:

@@ -208,7 +208,9 @@ _TWO_NODES = textwrap.dedent("""
     from test_prepare import data_cfg
     from pipeline.core.layout import Layout
     from pipeline.data.prepare import prepare_dataset
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # No dashboard: nothing here reads Ray's state API (~4 s of CPU less, measured).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
