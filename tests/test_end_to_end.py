@@ -14,6 +14,7 @@ Rays here would cost the suite ~50 s of CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -23,7 +24,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BACKGROUND_NICE, fresh_git_repo, git, session_ray_env, stage_env
+from conftest import (
+    BACKGROUND_NICE,
+    fresh_git_repo,
+    git,
+    processes_naming,
+    session_ray_env,
+    stage_env,
+)
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -118,24 +126,20 @@ def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
         assert time.monotonic() < deadline, f"queue still busy: {tasks}"
         # Each `dvc queue status` is a dvc start (~1.5 s of CPU): look again once the queue's
         # worker has exited, or in 30 s where none is seen (not started yet).
-        looked = 0
-        while _queue_worker_running(repo) and time.monotonic() < deadline:
-            looked += 1
-            time.sleep(2)
-        if not looked:
+        if not _queue_worker_running(repo):
             time.sleep(30)
+        while _queue_worker_running(repo) and time.monotonic() < deadline:
+            time.sleep(2)
 
 
 def _queue_worker_running(repo: Path) -> bool:
     """Whether a `dvc exp queue-worker` runs in `repo` (it exits ~10 s after its queue is
     empty): a look at /proc, not a dvc start."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if (entry.name.isdigit() and b"queue-worker" in (entry / "cmdline").read_bytes()
-                    and (entry / "cwd").resolve() == repo.resolve()):
+    here = repo.resolve()
+    for pid in processes_naming("queue-worker"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if Path(f"/proc/{pid}/cwd").resolve() == here:
                 return True
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
     return False
 
 
