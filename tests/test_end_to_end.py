@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from conftest import (
     BACKGROUND_NICE,
     fresh_git_repo,
     git,
-    processes_naming,
     session_ray_env,
     stage_env,
 )
@@ -65,11 +65,19 @@ def _dvc(repo: Path, *args: str, columns: int = 200) -> str:
     env = {**session_ray_env(repo, ray), "OMP_NUM_THREADS": "1", "COLUMNS": str(columns),
            # Beside the suite, a worker group can take longer than Ray's 60 s to start.
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-    result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
+    # Files, not pipes: `dvc queue start` forks its worker with these descriptors, and a pipe
+    # would keep this call waiting until the worker exits (when the queue is done, or never).
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        result = subprocess.run([*BACKGROUND_NICE, "dvc", *args], cwd=repo, env=env,
+                                stdout=stdout, stderr=stderr, text=True, timeout=900)
+        output = _read_from_start(stdout) + _read_from_start(stderr)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
     return output
+
+
+def _read_from_start(stream) -> str:
+    stream.seek(0)
+    return stream.read()
 
 
 def _declared_outputs(repo: Path) -> list[str]:
@@ -110,37 +118,47 @@ def _registered_versions(repo: Path) -> list:
     return _mlflow(repo).search_model_versions("name = 'dcgan-generator'")
 
 
-def _wait_for_queue(repo: Path, timeout_s: float = 1500) -> list[str]:
-    """Wait until `dvc queue status` lists no queued or running experiment; return the names
-    of the successful ones (fail with the logs of a failed one)."""
+def _wait_for_queue(repo: Path, queued: int, timeout_s: float = 1500) -> list[str]:
+    """Wait until the queue has ended `queued` experiments and return the names of the
+    successful ones; fail with a failed one's log, or, out of time, with every experiment's.
+    Celery's file backend writes one result per ended task: a look at a folder every 2 s, not
+    a dvc start (~1.5 s of CPU) each time, and no wait for the worker's exit."""
+    results = repo / ".dvc" / "tmp" / "exps" / "celery" / "result"
     deadline = time.monotonic() + timeout_s
-    while True:
-        rows = [line.split() for line in _dvc(repo, "queue", "status").splitlines()]
-        # Task  Name  Created (`02:16 AM`: two words)  Status
-        tasks = {row[1]: row[-1] for row in rows
-                 if len(row) >= 4 and row[-1] in ("Queued", "Running", "Success", "Failed")}
-        failed = [name for name, status in tasks.items() if status == "Failed"]
-        assert not failed, _dvc(repo, "queue", "logs", failed[0])[-5000:]
-        if tasks and all(status == "Success" for status in tasks.values()):
-            return sorted(tasks)
-        assert time.monotonic() < deadline, f"queue still busy: {tasks}"
-        # Each `dvc queue status` is a dvc start (~1.5 s of CPU): look again once the queue's
-        # worker has exited, or in 30 s where none is seen (not started yet).
-        if not _queue_worker_running(repo):
-            time.sleep(30)
-        while _queue_worker_running(repo) and time.monotonic() < deadline:
-            time.sleep(2)
+    while _ended_tasks(results) < queued:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the queue ended {_ended_tasks(results)} of {queued} experiments in "
+                        f"{timeout_s:.0f} s\n{_queue_logs(repo)}")
+        time.sleep(2)
+    rows = [line.split() for line in _dvc(repo, "queue", "status").splitlines()]
+    # Task  Name  Created (`02:16 AM`: two words)  Status
+    tasks = {row[1]: row[-1] for row in rows
+             if len(row) >= 4 and row[-1] in ("Queued", "Running", "Success", "Failed")}
+    failed = [name for name, status in tasks.items() if status == "Failed"]
+    assert not failed, _dvc(repo, "queue", "logs", failed[0])[-5000:]
+    assert set(tasks.values()) == {"Success"}, tasks
+    return sorted(tasks)
 
 
-def _queue_worker_running(repo: Path) -> bool:
-    """Whether a `dvc exp queue-worker` runs in `repo` (it exits ~10 s after its queue is
-    empty): a look at /proc, not a dvc start."""
-    here = repo.resolve()
-    for pid in processes_naming("queue-worker"):
-        with contextlib.suppress(OSError):  # gone meanwhile
-            if Path(f"/proc/{pid}/cwd").resolve() == here:
-                return True
-    return False
+def _ended_tasks(results: Path) -> int:
+    ended = 0
+    for result in results.glob("celery-task-meta-*"):
+        with contextlib.suppress(OSError, ValueError):  # being written
+            ended += json.loads(result.read_text())["status"] in ("SUCCESS", "FAILURE")
+    return ended
+
+
+def _queue_logs(repo: Path) -> str:
+    """The last lines of each queued experiment's log and of the queue's worker, and what the
+    session's Ray has free: what a person would look at when a queue does not end."""
+    import ray
+
+    logs = sorted((repo / ".dvc" / "tmp" / "exps").glob("*/*/*.out")) + sorted(
+        (repo / ".dvc" / "tmp" / "exps" / "celery").glob("*.out"))
+    tails = [f"--- {log.relative_to(repo)}\n{log.read_text(errors='replace')[-3000:]}"
+             for log in logs]
+    return "\n".join([*tails, f"Ray: {ray.available_resources()} free of "
+                               f"{ray.cluster_resources()}"])
 
 
 def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:
@@ -153,7 +171,7 @@ def _queued_sweep_lands_in_the_workspace_store(repo: Path) -> list[str]:
     _dvc(repo, "exp", "run", "--queue", "-S", "train.lr_d=0.0001,0.0003")
     try:
         _dvc(repo, "queue", "start", "-j", "1")  # SQLite takes one writer (README)
-        names = _wait_for_queue(repo)
+        names = _wait_for_queue(repo, queued=2)
     finally:
         subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=stage_env(repo),
                        capture_output=True, timeout=120)
