@@ -208,22 +208,6 @@ def busiest_processes(count: int = 8) -> str:
     return "\n".join([f"load average {load}", *(line[:160] for line in top[: count + 1])])
 
 
-def processes_naming(marker: str) -> list[int]:
-    """Live processes whose command line contains `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def stop_process_group(process: subprocess.Popen) -> None:
     """Stop a process started with `start_new_session=True` and everything it started
     (SIGTERM to its group, SIGKILL after 30 s): servers that fork workers leave none behind."""

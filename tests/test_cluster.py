@@ -24,15 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (
-    REPO_ROOT,
-    SESSION_RAY_ENV,
-    VENV_BIN,
-    fresh_git_repo,
-    git,
-    processes_naming,
-    stage_env,
-)
+from conftest import REPO_ROOT, SESSION_RAY_ENV, VENV_BIN, fresh_git_repo, git, stage_env
 from readme_helpers import (
     assert_in_troubleshooting,
     clean_home,
@@ -89,6 +81,22 @@ def _cluster_repo(target: Path, mnist_shards: Path) -> Path:
     return repo
 
 
+def _processes_naming(marker: str) -> list[int]:
+    """Live processes whose command line contains `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def readme_cluster(mnist_shards, mlflow_server, tmp_path_factory):
     """The README's `cluster-up` block run in a fresh clone (free ports, given as the
@@ -107,7 +115,7 @@ def readme_cluster(mnist_shards, mlflow_server, tmp_path_factory):
     finally:
         temp_root = json.loads(state_file.read_text())["temp_root"] if state_file.exists() else ""
         result, _ = run_block(readme_block("cluster-down"), repo, env, timeout_s=300)
-        leaked = processes_naming(temp_root) if temp_root else []
+        leaked = _processes_naming(temp_root) if temp_root else []
         for pid in leaked:  # only what names this cluster's own temp dir
             os.kill(pid, 9)
         assert result.returncode == 0, result.stdout + result.stderr

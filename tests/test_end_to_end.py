@@ -25,13 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (
-    BACKGROUND_NICE,
-    fresh_git_repo,
-    git,
-    session_ray_env,
-    stage_env,
-)
+from conftest import BACKGROUND_NICE, fresh_git_repo, git, session_ray_env, stage_env
 from mlflow import MlflowClient
 from PIL import Image
 
